@@ -1,0 +1,55 @@
+"""Connect to Temporal the way every mirrorflow process does."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import Runtime
+from temporalio.service import TLSConfig
+
+from mirrorflow.errors import TemporalUnavailable
+from mirrorflow.settings import Settings
+
+
+def _tls_config(settings: Settings) -> bool | TLSConfig:
+    if settings.temporal_tls_cert and settings.temporal_tls_key:
+        return TLSConfig(
+            client_cert=settings.temporal_tls_cert.read_bytes(),
+            client_private_key=settings.temporal_tls_key.read_bytes(),
+        )
+
+    return settings.temporal_tls or settings.temporal_api_key is not None
+
+
+async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Client:
+    """Return a client for the configured Temporal, with mirrorflow's converter.
+
+    Raises:
+        TemporalUnavailable: Temporal did not answer within
+            ``MIRRORFLOW_TEMPORAL_CONNECT_TIMEOUT`` seconds.
+    """
+    api_key = settings.temporal_api_key
+    timeout = settings.temporal_connect_timeout
+    try:
+        return await asyncio.wait_for(
+            Client.connect(
+                settings.temporal_address,
+                namespace=settings.temporal_namespace,
+                api_key=api_key.get_secret_value() if api_key else None,
+                tls=_tls_config(settings),
+                data_converter=pydantic_data_converter,
+                connect_timeout=timedelta(seconds=timeout),
+                runtime=runtime,
+            ),
+            timeout=timeout,
+        )
+    except (TimeoutError, RuntimeError) as exc:
+        raise TemporalUnavailable(
+            f"Could not reach Temporal at {settings.temporal_address!r} "
+            f"(namespace {settings.temporal_namespace!r}) within {timeout:g} s: "
+            f"{exc or type(exc).__name__}. Start it (`mirrorflow dev` runs one) "
+            "or set MIRRORFLOW_TEMPORAL_ADDRESS."
+        ) from exc

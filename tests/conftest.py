@@ -1,0 +1,5 @@
+"""Fixtures shared by the whole suite, one module per real component."""
+
+pytest_plugins = [
+    "tests.fixtures.temporal",
+]
