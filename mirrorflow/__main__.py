@@ -1,0 +1,5 @@
+"""Run the ``mirrorflow`` command with ``python -m mirrorflow``."""
+
+from mirrorflow.cli import main
+
+raise SystemExit(main())
