@@ -5,8 +5,10 @@
     MirrorflowError
     ├── SettingsError          a MIRRORFLOW_* value is missing or malformed
     ├── TemporalUnavailable    Temporal could not be reached in time
-    ├── StorageError           the attachment store refused or failed a call
-    │   └── ChecksumMismatch   what was written is not what was read
+    ├── StorageError           the attachment store failed a call; a retry may help
+    │   ├── ChecksumMismatch   what was written is not what was read
+    │   └── StorageRejected    a retry cannot help until someone changes something
+    │       └── ObjectNotFound no object under the name asked for
     └── SubscriberError        the subscribers database refused a change
         └── UnknownSubscriber  no subscriber for this user token
 
@@ -30,11 +32,19 @@ class TemporalUnavailable(MirrorflowError):
 
 
 class StorageError(MirrorflowError):
-    """The attachment store refused or failed a call."""
+    """The attachment store failed a call, for a reason a retry may fix."""
 
 
 class ChecksumMismatch(StorageError):
     """The stored object's size or checksum differs from what was read."""
+
+
+class StorageRejected(StorageError):
+    """The store refused a call: a missing bucket, no permission, a bad name."""
+
+
+class ObjectNotFound(StorageRejected):
+    """No object is stored under the name asked for."""
 
 
 class SubscriberError(MirrorflowError):
