@@ -205,7 +205,27 @@ def _subscribers_remove(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _replay(args: argparse.Namespace, settings: Settings) -> int:
-    raise MirrorflowError("replay is not wired yet")
+    from mirrorflow.replay import parse_moment, replay_failed
+    from mirrorflow.temporal import connect
+
+    since = parse_moment(args.since) if args.since else None
+    until = parse_moment(args.until) if args.until else None
+
+    async def replay() -> int:
+        summary = await replay_failed(
+            await connect(settings),
+            since=since,
+            until=until,
+            user_token=args.user_token,
+            query=args.query,
+            dry_run=args.dry_run,
+            progress=sys.stderr,
+        )
+        print(summary.render())
+
+        return 1 if summary.errors else 0
+
+    return asyncio.run(replay())
 
 
 def _demo_share_photo(args: argparse.Namespace, settings: Settings) -> int:
