@@ -1,0 +1,472 @@
+"""The Starlette app that receives Mirror's notifications and starts workflows.
+
+``POST /notify`` answers 200 only once Temporal has accepted the workflow
+start; every other answer lets Mirror resend. The routes:
+
+- ``POST <webhook_path>``: validate the notification, check its sender,
+  start (or join) its ``NotificationWorkflow``, answer.
+- ``GET /healthz``: the process is alive.
+- ``GET /readyz``: Temporal answers a health check.
+- ``GET /metrics``: Prometheus text.
+
+docs/webhook.md explains the status codes and the decisions behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from typing import Any
+
+import structlog
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from temporalio.client import Client, WorkflowHandle
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from activities.subscribers import SubscriberStore
+from mirrorflow.errors import TemporalUnavailable
+from mirrorflow.logs import configure_logging
+from mirrorflow.settings import Settings, load_settings
+from mirrorflow.temporal import connect
+from webhook.metrics import WebhookMetrics
+from webhook.notifications import MAX_BODY_BYTES, NotificationError, parse_notification
+from webhook.senders import SenderCheck, Verdict
+from workflows.models import (
+    COLLECTION,
+    ITEM_ID,
+    OPERATION,
+    USER_TOKEN,
+    WORKFLOW_NAME,
+    Notification,
+    workflow_id_for,
+)
+
+READINESS_TIMEOUT = 1.0
+"""Seconds ``/readyz`` waits for Temporal's health check."""
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger("webhook")
+
+
+class _Refusal(Exception):
+    """A notification request the webhook answers with an error status.
+
+    ``message`` goes to the sender; ``detail``, which may name internals such
+    as Temporal's own error, goes to the log only.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        detail: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.headers = headers
+        self.detail = detail
+
+
+class Webhook:
+    """What one app holds: settings, the Temporal client, sender check, metrics."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: Client | None,
+        subscribers: SubscriberStore | None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.metrics = WebhookMetrics()
+        self.sender_check: SenderCheck | None = None
+        if settings.check_sender:
+            store = subscribers or SubscriberStore(settings.database_path)
+            self.sender_check = SenderCheck(store)
+
+        self._rpc_timeout = timedelta(seconds=settings.start_deadline)
+        self._retry_after = {"Retry-After": str(settings.retry_after)}
+
+    def __repr__(self) -> str:
+        return (
+            f"Webhook(path={self.settings.webhook_path!r}, "
+            f"task_queue={self.settings.temporal_task_queue!r}, "
+            f"check_sender={self.settings.check_sender})"
+        )
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        """Connect to Temporal once for the whole process, unless given a client.
+
+        Raises:
+            TemporalUnavailable: Temporal could not be reached in time; the
+                server does not start.
+        """
+        if self.client is None:
+            self.client = await connect(self.settings)
+
+        log.info(
+            "webhook_started",
+            path=self.settings.webhook_path,
+            temporal_address=self.client.service_client.config.target_host,
+            namespace=self.client.namespace,
+            task_queue=self.settings.temporal_task_queue,
+            check_sender=self.settings.check_sender,
+        )
+        yield
+
+    async def notify(self, request: Request) -> Response:
+        """Accept one notification: validate, check the sender, start, answer."""
+        began = time.perf_counter()
+        context: dict[str, Any] = {}
+        try:
+            notification = parse_notification(await _read_body(request))
+            context.update(
+                user_token=notification.user_token,
+                collection=notification.collection,
+                operation=notification.operation,
+                item_id=notification.item_id,
+            )
+            workflow_id = context["workflow_id"] = workflow_id_for(notification)
+            is_new = await self._accept(notification, workflow_id)
+        except NotificationError as exc:
+            response = self._refuse(_Refusal(400, exc.reason, str(exc)), context)
+        except _Refusal as refusal:
+            response = self._refuse(refusal, context)
+        else:
+            context["outcome"] = "started" if is_new else "duplicate"
+            if is_new:
+                self.metrics.workflows_started.inc()
+            else:
+                self.metrics.duplicates.inc()
+            response = JSONResponse({"status": "accepted", "workflow_id": workflow_id})
+
+        seconds = time.perf_counter() - began
+        self.metrics.record_answer(response.status_code, seconds)
+        _log_for(response.status_code)(
+            "notification_received",
+            status=response.status_code,
+            duration_ms=round(seconds * 1000, 1),
+            **context,
+        )
+
+        return response
+
+    async def _accept(self, notification: Notification, workflow_id: str) -> bool:
+        """Check the sender and start the workflow within the start deadline.
+
+        Returns whether Temporal started a new run (False for a duplicate).
+        """
+        deadline = self.settings.start_deadline
+        try:
+            async with asyncio.timeout(deadline):
+                await self._check_sender(notification)
+                return await self._start(notification, workflow_id)
+        except TimeoutError:
+            raise _Refusal(
+                503,
+                "deadline_exceeded",
+                f"The notification could not be handed to Temporal within "
+                f"{deadline:g} s; try again later.",
+                headers=self._retry_after,
+            ) from None
+
+    async def _check_sender(self, notification: Notification) -> None:
+        if self.sender_check is None:
+            return
+
+        try:
+            verdict = await self.sender_check.check(
+                notification.user_token, notification.verify_token_sha256
+            )
+        except sqlite3.Error as exc:
+            raise _Refusal(
+                503,
+                "subscribers_unavailable",
+                "The subscribers database could not be read; try again later.",
+                headers=self._retry_after,
+                detail=f"{type(exc).__name__}: {exc}",
+            ) from exc
+        if verdict is not Verdict.ACCEPTED:
+            # One message for both causes, so that a forger cannot learn which
+            # user tokens exist; the reason is in the metrics and the log.
+            raise _Refusal(
+                403,
+                verdict.value,
+                f"userToken {notification.user_token!r} is not a subscriber, or "
+                "verifyToken does not match its subscription.",
+            )
+
+    async def _start(self, notification: Notification, workflow_id: str) -> bool:
+        if self.client is None:
+            raise _Refusal(
+                503,
+                "temporal_unavailable",
+                "The webhook is not connected to Temporal yet; try again later.",
+                headers=self._retry_after,
+            )
+
+        try:
+            handle = await self.client.start_workflow(
+                WORKFLOW_NAME,
+                notification,
+                id=workflow_id,
+                task_queue=self.settings.temporal_task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                search_attributes=TypedSearchAttributes(
+                    [
+                        SearchAttributePair(USER_TOKEN, notification.user_token),
+                        SearchAttributePair(ITEM_ID, notification.item_id),
+                        SearchAttributePair(COLLECTION, notification.collection),
+                        SearchAttributePair(OPERATION, notification.operation),
+                    ]
+                ),
+                static_summary=summarize(notification),
+                rpc_timeout=self._rpc_timeout,
+            )
+        except WorkflowAlreadyStartedError:
+            # A completed run of this id exists: the notification was handled.
+            return False
+        except RPCError as exc:
+            raise _Refusal(
+                503,
+                "temporal_unavailable",
+                "Temporal did not accept the workflow start; try again later.",
+                headers=self._retry_after,
+                detail=f"{exc.status.name}: {exc.message}",
+            ) from exc
+
+        return _is_new_run(handle)
+
+    def _refuse(self, refusal: _Refusal, context: dict[str, Any]) -> Response:
+        self.metrics.record_rejection(refusal.reason)
+        context["outcome"] = refusal.reason
+        context["error"] = refusal.message
+        if refusal.detail is not None:
+            context["detail"] = refusal.detail
+
+        return JSONResponse(
+            {"error": refusal.message}, refusal.status, headers=refusal.headers
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        """Answer 200 while the process runs."""
+        return JSONResponse({"status": "alive"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Answer 200 when Temporal answers a health check, else 503."""
+        if self.client is None:
+            return _not_ready("not connected to Temporal yet")
+
+        try:
+            async with asyncio.timeout(READINESS_TIMEOUT):
+                serving = await self.client.service_client.check_health(
+                    timeout=timedelta(seconds=READINESS_TIMEOUT)
+                )
+        except TimeoutError:
+            return _not_ready(f"no answer from Temporal within {READINESS_TIMEOUT:g} s")
+        except RPCError as exc:
+            return _not_ready(f"{exc.status.name}: {exc.message}")
+        if not serving:
+            return _not_ready("Temporal's workflow service is not serving")
+
+        return JSONResponse({"status": "ready"})
+
+    async def metrics_text(self, request: Request) -> Response:
+        """Answer with the metrics in Prometheus' text format."""
+        return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    client: Client | None = None,
+    subscribers: SubscriberStore | None = None,
+) -> Starlette:
+    """Return the webhook app.
+
+    Args:
+        settings: the settings; read from the environment when None.
+        client: a connected Temporal client; when None the app connects once
+            at startup (its lifespan) with :func:`mirrorflow.temporal.connect`.
+        subscribers: the store the sender check reads; when None and
+            ``check_sender`` is on, the one at ``settings.database_path``.
+    """
+    settings = settings or load_settings()
+    webhook = Webhook(settings, client=client, subscribers=subscribers)
+    app = Starlette(
+        routes=[
+            Route(settings.webhook_path, webhook.notify, methods=["POST"]),
+            Route("/healthz", webhook.healthz, methods=["GET"]),
+            Route("/readyz", webhook.readyz, methods=["GET"]),
+            Route("/metrics", webhook.metrics_text, methods=["GET"]),
+        ],
+        lifespan=webhook.lifespan,
+    )
+    app.state.webhook = webhook
+
+    return app
+
+
+async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve the webhook on ``host:port`` until the process is told to stop.
+
+    Temporal is connected to before the server starts listening, so that an
+    unreachable Temporal stops the process with one clear error. Logging is
+    left as it is; :func:`serve` configures it first.
+
+    Raises:
+        TemporalUnavailable: Temporal could not be reached at startup.
+    """
+    try:
+        client = await connect(settings)
+    except TemporalUnavailable as exc:
+        log.error("webhook_startup_failed", error=str(exc))
+        raise
+
+    app = create_app(settings, client=client)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http="auto",
+        ws="none",
+        lifespan="on",
+        # The app logs one line per notification itself.
+        access_log=False,
+        log_config=None,
+        server_header=False,
+        # Let requests in flight finish their start before the process ends.
+        timeout_graceful_shutdown=math.ceil(settings.start_deadline) + 1,
+    )
+    await uvicorn.Server(config).serve()
+
+
+def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Configure logging and serve the webhook, on uvloop when it is installed.
+
+    Raises:
+        TemporalUnavailable: Temporal could not be reached at startup.
+    """
+    configure_logging(settings.log_level, settings.log_format)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(run(settings, host, port))
+
+
+def summarize(notification: Notification) -> str:
+    """Return the one-line summary shown for a notification's workflow."""
+    summary = (
+        f"{notification.collection} {notification.operation} item "
+        f"{notification.item_id} of user {notification.user_token}"
+    )
+    if notification.user_actions:
+        summary += f" [{', '.join(notification.action_types)}]"
+
+    return summary
+
+
+async def _read_body(request: Request) -> bytes:
+    """Return the body of a JSON request, refusing more than the limit."""
+    content_type = request.headers.get("content-type")
+    if not _is_json(content_type):
+        raise _Refusal(
+            415,
+            "unsupported_media_type",
+            "The request has no Content-Type; send application/json."
+            if content_type is None
+            else f"Content-Type {content_type!r} is not accepted; "
+            "send application/json.",
+        )
+
+    declared = request.headers.get("content-length", "")
+    # A value too long to be a size is refused before int() has to read it.
+    is_number = declared.isascii() and declared.isdecimal()
+    if is_number and (len(declared) > 9 or int(declared) > MAX_BODY_BYTES):
+        raise _too_large()
+
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise _too_large()
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _Refusal(
+            400, "client_disconnected", "The client went away mid-body."
+        ) from None
+
+    return b"".join(chunks)
+
+
+def _too_large() -> _Refusal:
+    return _Refusal(
+        413,
+        "too_large",
+        f"The body is larger than {MAX_BODY_BYTES} bytes; "
+        "a Mirror notification is far smaller.",
+    )
+
+
+def _is_json(content_type: str | None) -> bool:
+    if content_type is None:
+        return False
+    media_type = content_type.partition(";")[0].strip().lower()
+
+    return media_type == "application/json"
+
+
+def _is_new_run(handle: WorkflowHandle[Any, Any]) -> bool:
+    """Return whether a start made a new run rather than joining a running one."""
+    # The SDK keeps the server's answer on the handle but does not expose its
+    # `started` flag; reading it costs nothing, unlike a describe call. If a
+    # later SDK drops the attribute, every start counts as new.
+    response = getattr(handle, "_start_workflow_response", None)
+
+    return bool(getattr(response, "started", True))
+
+
+def _log_for(status: int) -> Callable[..., Any]:
+    if status < 400:
+        return log.info
+    if status < 500:
+        return log.warning
+
+    return log.error
+
+
+def _not_ready(why: str) -> Response:
+    return JSONResponse({"status": "unavailable", "error": why}, 503)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+
+    return uvloop.new_event_loop
