@@ -2,4 +2,5 @@
 
 pytest_plugins = [
     "tests.fixtures.temporal",
+    "tests.fixtures.storage",
 ]
