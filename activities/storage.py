@@ -89,7 +89,7 @@ _CONTENT_TYPES = {ext: kind for kind, ext in reversed(_EXTENSIONS.items())}
 _DEFAULT_CONTENT_TYPE = "application/octet-stream"
 
 # A MimeTypes instance holds Python's built-in table only, not the machine's
-# /etc/mime.types, so two workers on different hosts pick the same extension.
+# /etc/mime.types: workers on different hosts (same Python) agree on names.
 _PYTHON_TYPES = mimetypes.MimeTypes()
 _PLAIN_EXTENSION = re.compile(r"\.[a-z0-9]{1,8}")
 
