@@ -21,6 +21,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities import mirror
+from activities.mirror import Failure
 from activities.storage import (
     Storage,
     item_prefix,
@@ -29,7 +30,7 @@ from activities.storage import (
     tombstone_name,
 )
 from activities.subscribers import SubscriberStore
-from mirrorflow.errors import ChecksumMismatch, StorageError
+from mirrorflow.errors import ChecksumMismatch, StorageError, StorageRejected
 from workflows.models import (
     Attachment,
     AttachmentRef,
@@ -93,11 +94,10 @@ class NotificationActivities:
         """Fetch a timeline item as its user; a missing item counts as deleted."""
         with self._as_user(ref.user_token) as credentials:
             try:
-                item = (
-                    self._service(credentials).timeline().get(id=ref.item_id).execute()
-                )
+                with self._service(credentials) as service:
+                    item = service.timeline().get(id=ref.item_id).execute()
             except mirror.HttpError as exc:
-                if mirror.status_of(exc) in (404, 410):
+                if mirror.classify(exc) is Failure.GONE:
                     return Item(item_id=ref.item_id, is_deleted=True)
                 raise
 
@@ -110,14 +110,14 @@ class NotificationActivities:
     @activity.defn(name="fetch_attachment")
     def fetch_attachment(self, ref: AttachmentRef) -> Attachment:
         """Fetch an attachment's metadata once its content is ready."""
-        with self._as_user(ref.user_token) as credentials:
-            found = (
-                self._service(credentials)
-                .timeline()
-                .attachments()
-                .get(itemId=ref.item_id, attachmentId=ref.attachment_id)
-                .execute()
-            )
+        with (
+            self._as_user(ref.user_token) as credentials,
+            self._service(credentials) as service,
+        ):
+            attachments = service.timeline().attachments()
+            found = attachments.get(
+                itemId=ref.item_id, attachmentId=ref.attachment_id
+            ).execute()
 
         if found.get("isProcessingContent") or not found.get("contentUrl"):
             raise self._still_processing(ref)
@@ -187,7 +187,7 @@ class NotificationActivities:
                         expected_size=content.size,
                     )
             except mirror.HttpError as exc:
-                if mirror.status_of(exc) in (404, 410):
+                if mirror.classify(exc) is Failure.GONE:
                     return None
                 raise
 
@@ -203,11 +203,11 @@ class NotificationActivities:
     def store_location(self, ref: LocationRef) -> StoredObject | None:
         """Fetch a location as its user and store it as JSON."""
         with self._as_user(ref.user_token) as credentials:
-            service = self._service(credentials)
             try:
-                location = service.locations().get(id=ref.location_id).execute()
+                with self._service(credentials) as service:
+                    location = service.locations().get(id=ref.location_id).execute()
             except mirror.HttpError as exc:
-                if mirror.status_of(exc) in (404, 410):
+                if mirror.classify(exc) is Failure.GONE:
                     return None
                 raise
 
@@ -293,9 +293,8 @@ class NotificationActivities:
             raise mirror_failure(exc, user_token) from exc
         finally:
             if credentials.token != token:
-                self.subscribers.save_credentials(
-                    user_token, json.loads(credentials.to_json())
-                )
+                refreshed = credentials.to_json()  # type: ignore[no-untyped-call]
+                self.subscribers.save_credentials(user_token, json.loads(refreshed))
 
     def _service(self, credentials: Credentials) -> Any:
         return mirror.build_mirror(
@@ -306,7 +305,14 @@ class NotificationActivities:
 def mirror_failure(error: Exception, user_token: str) -> ApplicationError:
     """Return the ``ApplicationError`` that reports a failed Mirror call."""
     kind = mirror.classify(error)
-    if kind == "revoked":
+    if kind is Failure.GONE:
+        return ApplicationError(
+            f"Mirror no longer has what user {user_token!r}'s notification "
+            f"points at: {error}",
+            type=ErrorType.MIRROR_GONE,
+            non_retryable=True,
+        )
+    if kind is Failure.REVOKED:
         return ApplicationError(
             f"User {user_token!r} revoked mirrorflow's access to their Glass "
             "(invalid_grant). They must authorize it again; then re-add them "
@@ -314,7 +320,7 @@ def mirror_failure(error: Exception, user_token: str) -> ApplicationError:
             type=ErrorType.GRANT_REVOKED,
             non_retryable=True,
         )
-    if kind == "client_error":
+    if kind is Failure.CLIENT_ERROR:
         return ApplicationError(
             f"Mirror refused the request for user {user_token!r}: {error}",
             type=ErrorType.MIRROR_CLIENT_ERROR,
@@ -330,6 +336,10 @@ def mirror_failure(error: Exception, user_token: str) -> ApplicationError:
 def _storage_failure(error: StorageError) -> ApplicationError:
     if isinstance(error, ChecksumMismatch):
         return ApplicationError(str(error), type=ErrorType.CHECKSUM_MISMATCH)
+    if isinstance(error, StorageRejected):
+        return ApplicationError(
+            str(error), type=ErrorType.STORAGE_REJECTED, non_retryable=True
+        )
 
     return ApplicationError(str(error), type=ErrorType.STORAGE_UNAVAILABLE)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
@@ -52,6 +53,7 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
         foreign_pre_chain=[*_SHARED, structlog.stdlib.ExtraAdder()],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            _drop_color_message,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -70,3 +72,12 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     # Google's discovery client logs every URL it requests at INFO.
     logging.getLogger("googleapiclient.discovery").setLevel(logging.WARNING)
+
+
+def _drop_color_message(
+    logger: object, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Remove uvicorn's ANSI-coloured copy of the message it logs."""
+    event.pop("color_message", None)
+
+    return event

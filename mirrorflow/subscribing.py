@@ -29,24 +29,18 @@ def add_subscriber(
     """
     store = SubscriberStore(settings.database_path)
     verify_token = secrets.token_urlsafe(32)
-    service = _service(settings, credentials)
-
-    _unsubscribe(service, settings.callback_url)
     ids = []
-    for collection in collections:
-        created = (
-            service.subscriptions()
-            .insert(
-                body={
-                    "collection": collection,
-                    "callbackUrl": settings.callback_url,
-                    "userToken": user_token,
-                    "verifyToken": verify_token,
-                }
-            )
-            .execute()
-        )
-        ids.append(str(created["id"]))
+    with _service(settings, credentials) as service:
+        _unsubscribe(service, settings.callback_url)
+        for collection in collections:
+            subscription = {
+                "collection": collection,
+                "callbackUrl": settings.callback_url,
+                "userToken": user_token,
+                "verifyToken": verify_token,
+            }
+            created = service.subscriptions().insert(body=subscription).execute()
+            ids.append(str(created["id"]))
 
     return store.add(
         user_token,
@@ -64,10 +58,11 @@ def remove_subscriber(settings: Settings, user_token: str) -> bool:
         return False
 
     try:
-        _unsubscribe(_service(settings, subscriber.credentials), settings.callback_url)
+        with _service(settings, subscriber.credentials) as service:
+            _unsubscribe(service, settings.callback_url)
     except Exception as exc:
         # A revoked grant cannot unsubscribe; Mirror drops its subscriptions.
-        if mirror.classify(exc) != "revoked":
+        if mirror.classify(exc) is not mirror.Failure.REVOKED:
             raise
 
     return store.remove(user_token)

@@ -8,7 +8,7 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import Runtime
-from temporalio.service import TLSConfig
+from temporalio.service import RetryConfig, TLSConfig
 
 from mirrorflow.errors import TemporalUnavailable
 from mirrorflow.settings import Settings
@@ -24,8 +24,16 @@ def _tls_config(settings: Settings) -> bool | TLSConfig:
     return settings.temporal_tls or settings.temporal_api_key is not None
 
 
-async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Client:
+async def connect(
+    settings: Settings,
+    *,
+    runtime: Runtime | None = None,
+    retry_config: RetryConfig | None = None,
+) -> Client:
     """Return a client for the configured Temporal, with mirrorflow's converter.
+
+    ``retry_config`` bounds the client's own retries of failed RPCs; the
+    webhook keeps them within its answer deadline.
 
     Raises:
         TemporalUnavailable: Temporal did not answer within
@@ -43,6 +51,7 @@ async def connect(settings: Settings, *, runtime: Runtime | None = None) -> Clie
                 data_converter=pydantic_data_converter,
                 connect_timeout=timedelta(seconds=timeout),
                 runtime=runtime,
+                retry_config=retry_config,
             ),
             timeout=timeout,
         )

@@ -38,7 +38,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
+from temporalio.service import RetryConfig, RPCError
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.errors import TemporalUnavailable
@@ -125,7 +125,9 @@ class Webhook:
                 server does not start.
         """
         if self.client is None:
-            self.client = await connect(self.settings)
+            self.client = await connect(
+                self.settings, retry_config=_retries(self.settings)
+            )
 
         log.info(
             "webhook_started",
@@ -342,7 +344,7 @@ async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> 
         TemporalUnavailable: Temporal could not be reached at startup.
     """
     try:
-        client = await connect(settings)
+        client = await connect(settings, retry_config=_retries(settings))
     except TemporalUnavailable as exc:
         log.error("webhook_startup_failed", error=str(exc))
         raise
@@ -470,3 +472,8 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
         return None
 
     return uvloop.new_event_loop
+
+
+def _retries(settings: Settings) -> RetryConfig:
+    """Keep the client's own RPC retries within the answer deadline."""
+    return RetryConfig(max_elapsed_time_millis=int(settings.start_deadline * 1000))

@@ -44,10 +44,12 @@ class ErrorType:
 
     GRANT_REVOKED = "MirrorGrantRevoked"
     MIRROR_CLIENT_ERROR = "MirrorClientError"
+    MIRROR_GONE = "MirrorGone"
     MIRROR_UNAVAILABLE = "MirrorUnavailable"
     STILL_PROCESSING = "AttachmentStillProcessing"
     PROCESSING_TIMED_OUT = "AttachmentProcessingTimedOut"
     STORAGE_UNAVAILABLE = "StorageUnavailable"
+    STORAGE_REJECTED = "StorageRejected"
     CHECKSUM_MISMATCH = "ChecksumMismatch"
     UNKNOWN_SUBSCRIBER = "UnknownSubscriber"
 

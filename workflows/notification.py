@@ -11,6 +11,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from workflows.models import (
@@ -39,7 +40,9 @@ CONTENT_ACTIONS = frozenset({"SHARE", "REPLY", "REPLY_ALL", "CUSTOM", "LAUNCH"})
 _NOT_RETRYABLE = [
     ErrorType.GRANT_REVOKED,
     ErrorType.MIRROR_CLIENT_ERROR,
+    ErrorType.MIRROR_GONE,
     ErrorType.PROCESSING_TIMED_OUT,
+    ErrorType.STORAGE_REJECTED,
     ErrorType.UNKNOWN_SUBSCRIBER,
 ]
 
@@ -145,19 +148,12 @@ class NotificationWorkflow:
     async def _attachment(
         self, notification: Notification, attachment_id: str
     ) -> StoredObject | None:
-        attachment = await workflow.execute_activity(
-            "fetch_attachment",
-            AttachmentRef(
-                user_token=notification.user_token,
-                item_id=notification.item_id,
-                attachment_id=attachment_id,
-            ),
-            result_type=Attachment,
-            start_to_close_timeout=timedelta(minutes=2),
-            schedule_to_close_timeout=PROCESSING_GIVE_UP,
-            retry_policy=MIRROR_RETRY,
-            summary=f"fetch attachment {attachment_id}",
-        )
+        try:
+            attachment = await self._fetch_attachment(notification, attachment_id)
+        except ActivityError as error:
+            if _error_type(error) == ErrorType.MIRROR_GONE:
+                return None
+            raise
 
         stored: StoredObject | None = await workflow.execute_activity(
             "store",
@@ -175,6 +171,25 @@ class NotificationWorkflow:
         )
 
         return stored
+
+    async def _fetch_attachment(
+        self, notification: Notification, attachment_id: str
+    ) -> Attachment:
+        attachment: Attachment = await workflow.execute_activity(
+            "fetch_attachment",
+            AttachmentRef(
+                user_token=notification.user_token,
+                item_id=notification.item_id,
+                attachment_id=attachment_id,
+            ),
+            result_type=Attachment,
+            start_to_close_timeout=timedelta(minutes=2),
+            schedule_to_close_timeout=PROCESSING_GIVE_UP,
+            retry_policy=MIRROR_RETRY,
+            summary=f"fetch attachment {attachment_id}",
+        )
+
+        return attachment
 
     async def _location(self, notification: Notification) -> NotificationResult:
         stored = await workflow.execute_activity(
@@ -220,3 +235,8 @@ class NotificationWorkflow:
             outcome=outcome, stored=stored, removed=removed, detail=detail
         )
 
+
+def _error_type(error: ActivityError) -> str | None:
+    cause = error.cause
+
+    return cause.type if isinstance(cause, ApplicationError) else None
