@@ -4,4 +4,5 @@ pytest_plugins = [
     "tests.fixtures.temporal",
     "tests.fixtures.storage",
     "tests.fixtures.emulator",
+    "tests.fixtures.pipeline",
 ]
