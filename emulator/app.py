@@ -170,7 +170,7 @@ def _fault_response(fault: Fault, method: str, path: str) -> Response:
         headers["Retry-After"] = "1"
 
     return ApiError(
-        status, message, reason=default_reason(status), headers=headers
+        status, message, reason=fault.reason or default_reason(status), headers=headers
     ).response()
 
 

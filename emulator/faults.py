@@ -2,8 +2,9 @@
 
 A fault matches requests by HTTP method and a regular expression searched in
 the path, and does one or more of: wait ``latency`` seconds; answer
-``status`` with Google's error JSON; close the connection without an answer
-(``drop``); or close it after ``dropAfterBytes`` bytes of the response body.
+``status`` with Google's error JSON (its ``errors[].reason`` set to
+``reason``); close the connection without an answer (``drop``); or close it
+after ``dropAfterBytes`` bytes of the response body.
 It applies to ``times`` requests, or to every matching request when
 ``times`` is absent. Faults and records cover the Mirror API, media upload,
 content download, token and discovery routes, never the admin API.
@@ -45,6 +46,8 @@ class Fault:
     path: re.Pattern[str]
     method: str | None = None
     status: int | None = None
+    reason: str | None = None
+    """The ``errors[].reason`` of the error answer; Google's usual one if None."""
     latency: float = 0.0
     drop: bool = False
     drop_after_bytes: int | None = None
@@ -67,6 +70,7 @@ class Fault:
             "method": self.method,
             "path": self.path.pattern,
             "status": self.status,
+            "reason": self.reason,
             "latency": self.latency,
             "drop": self.drop,
             "dropAfterBytes": self.drop_after_bytes,
@@ -91,6 +95,7 @@ class FaultTable:
             "method",
             "path",
             "status",
+            "reason",
             "latency",
             "drop",
             "dropAfterBytes",
@@ -99,7 +104,7 @@ class FaultTable:
         if unknown:
             raise bad_request(
                 f"Unknown fault fields {sorted(unknown)!r}; expected method, path, "
-                "status, latency, drop, dropAfterBytes, times.",
+                "status, reason, latency, drop, dropAfterBytes, times.",
             )
         try:
             path = re.compile(_text(spec, "path", ".*"))
@@ -126,6 +131,7 @@ class FaultTable:
             path=path,
             method=method,
             status=status,
+            reason=_text(spec, "reason", "") or None,
             latency=latency or 0.0,
             drop=drop,
             drop_after_bytes=drop_after,
