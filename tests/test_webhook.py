@@ -11,19 +11,16 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError
@@ -34,6 +31,7 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
+from tests.fixtures.servers import free_port, serving
 from tests.fixtures.temporal import temporal_cli
 from webhook.app import create_app
 from webhook.notifications import MAX_BODY_BYTES
@@ -86,15 +84,6 @@ def ping(**overrides: Any) -> dict[str, Any]:
     return body
 
 
-def free_port() -> int:
-    """Return a TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-
-    return port
-
-
 def sample(app: Starlette, name: str, **labels: str) -> float:
     """Return the value of one of an app's metrics (0 when never set)."""
     value = app.state.webhook.metrics.registry.get_sample_value(name, labels)
@@ -122,28 +111,6 @@ async def count_runs(client: Client, query: str, expected: int) -> int:
         if count == expected or time.monotonic() > deadline:
             return count
         await asyncio.sleep(0.05)
-
-
-@asynccontextmanager
-async def serving(app: Starlette) -> AsyncIterator[str]:
-    """Serve an app with uvicorn on a free loopback port; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="on", ws="none", access_log=False, log_config=None
-    )
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
-        assert not task.done(), "uvicorn stopped before it started"
-        await asyncio.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
-        sock.close()
 
 
 class DevServer:

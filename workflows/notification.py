@@ -67,6 +67,9 @@ STORE_RETRY = RetryPolicy(
 # A Mirror call gives up after six hours of failed attempts: long enough to
 # ride out an outage, short enough that a run does not sit "Running" forever.
 MIRROR_GIVE_UP = timedelta(hours=6)
+# A worker that dies mid-transfer is noticed after this long without a
+# heartbeat, and another worker takes the transfer over.
+STORE_HEARTBEAT = timedelta(seconds=30)
 # Processing videos are polled by the activity itself (it sets the delay of
 # each retry); the worker's MIRRORFLOW_PROCESSING_TIMEOUT ends the wait.
 PROCESSING_GIVE_UP = timedelta(days=1)
@@ -164,7 +167,7 @@ class NotificationWorkflow:
             ),
             result_type=StoredObject | None,  # type: ignore[arg-type]
             start_to_close_timeout=timedelta(hours=1),
-            heartbeat_timeout=timedelta(minutes=1),
+            heartbeat_timeout=STORE_HEARTBEAT,
             schedule_to_close_timeout=MIRROR_GIVE_UP,
             retry_policy=STORE_RETRY,
             summary=f"store attachment {attachment_id}",

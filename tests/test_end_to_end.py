@@ -1,0 +1,140 @@
+"""The whole path: emulator → webhook → Temporal → worker → storage."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from temporalio.client import Client, WorkflowHandle
+
+from activities.storage import open_storage
+from activities.subscribers import SubscriberStore
+from emulator.content import generated_chunks
+from emulator.testing import EmulatorAdmin
+from mirrorflow.settings import Settings
+from mirrorflow.subscribing import add_subscriber
+from tests.fixtures.pipeline import Pipeline, pipeline_settings
+from tests.fixtures.servers import serving
+from tests.test_pipeline import wait_for_activity
+from webhook.app import create_app
+from workflows.models import NotificationResult, Outcome
+
+
+async def wait_for_objects(pipeline: Pipeline, count: int) -> list[str]:
+    """Return the stored names once ``count`` objects are there."""
+    deadline = time.monotonic() + 60
+    while (names := pipeline.storage.list()) and len(names) < count or not names:
+        assert time.monotonic() < deadline, f"only {names} were stored"
+        await asyncio.sleep(0.2)
+
+    return names
+
+
+async def test_shared_photo_travels_from_glass_to_storage(
+    pipeline: Pipeline, temporal_client: Client, tmp_path: Path
+) -> None:
+    """A share on the emulator is delivered to the webhook and ends stored."""
+    app = create_app(
+        pipeline.settings.model_copy(
+            update={"temporal_task_queue": pipeline.task_queue}
+        ),
+        client=temporal_client,
+    )
+    photo = pipeline.remember(os.urandom(300_000))
+    user = pipeline.emulator.create_user()
+
+    async with serving(app) as url:
+        settings = pipeline.settings.model_copy(
+            update={"callback_url": f"{url}/notify"}
+        )
+        await asyncio.to_thread(
+            add_subscriber, settings, "glass-user", user.credentials
+        )
+        shared = pipeline.emulator.share(user, photo)
+        [name] = await wait_for_objects(pipeline, 1)
+
+    [delivery] = pipeline.emulator.deliveries(user=user)
+    assert delivery["statusCode"] == 200
+    assert delivery["body"]["userActions"] == [{"type": "SHARE"}]
+    assert shared["item"]["id"] in name
+    assert pipeline.storage.read(name) == photo
+
+
+@contextmanager
+def worker_process(
+    settings: Settings, address: str, task_queue: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``mirrorflow worker`` as a child process with these settings."""
+    env = {
+        **os.environ,
+        "MIRRORFLOW_TEMPORAL_ADDRESS": address,
+        "MIRRORFLOW_TEMPORAL_TASK_QUEUE": task_queue,
+        "MIRRORFLOW_MIRROR_ROOT_URL": settings.mirror_root_url,
+        "MIRRORFLOW_STORAGE_URL": settings.storage_url,
+        "MIRRORFLOW_DATABASE_URL": settings.database_url,
+        "MIRRORFLOW_LOG_LEVEL": "WARNING",
+        "MIRRORFLOW_GRACEFUL_SHUTDOWN": "1",
+    }
+    child = subprocess.Popen([sys.executable, "-m", "mirrorflow", "worker"], env=env)
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+            child.wait(timeout=30)
+
+
+async def test_run_survives_its_worker_being_killed(
+    temporal_client: Client,
+    task_queue: str,
+    emulator: EmulatorAdmin,
+    tmp_path: Path,
+) -> None:
+    """A worker SIGKILLed mid-store is replaced; one object, identical bytes."""
+    settings = pipeline_settings(emulator, tmp_path, f"file://{tmp_path / 'objects'}")
+    pipeline = Pipeline(
+        client=temporal_client,
+        task_queue=task_queue,
+        settings=settings,
+        emulator=emulator,
+        storage=open_storage(settings.storage_url),
+        subscribers=SubscriberStore(settings.database_path),
+    )
+    subscribed = pipeline.subscribe()
+    size = 20_000_000
+    shared = emulator.share(
+        subscribed.user, content_type="video/mp4", generated_size=size, seed="kill"
+    )
+    content_path = shared["attachment"]["contentUrl"].split("/", 3)[3]
+    emulator.add_fault(content_path, latency=5.0, times=1)
+    address = temporal_client.service_client.config.target_host
+
+    with worker_process(settings, address, task_queue) as first:
+        handle: WorkflowHandle[object, NotificationResult] = await pipeline.start(
+            subscribed.notification(shared["item"]["id"], "SHARE")
+        )
+        await wait_for_activity(handle, "store")
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    with worker_process(settings, address, task_queue):
+        result = await handle.result()
+
+    expected = hashlib.sha256()
+    for chunk in generated_chunks("kill", 0, size):
+        expected.update(chunk)
+    assert result.outcome is Outcome.STORED
+    [stored] = result.stored
+    assert stored.sha256 == expected.hexdigest()
+    assert pipeline.storage.list() == [stored.name]
+    assert hashlib.sha256(pipeline.storage.read(stored.name)).hexdigest() == (
+        expected.hexdigest()
+    )
+    await pipeline.check_histories()
