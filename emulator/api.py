@@ -25,7 +25,7 @@ from emulator import uploads
 from emulator.content import BlobWriter
 from emulator.errors import JSON_MEDIA_TYPE, ApiError, OAuthError, bad_request
 from emulator.resources import Attachment, TimelineItem, new_secret
-from emulator.state import Emulator, UploadSession, User
+from emulator.state import Emulator, Upload, User
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _MAX_JSON_BYTES = 1024 * 1024
@@ -67,23 +67,24 @@ def bearer_token(request: Request) -> str | None:
     )
 
 
-def authenticate(request: Request) -> tuple[Emulator, User]:
-    """Return the emulator and the user whose token authorizes ``request``."""
+def authenticate(
+    request: Request, *, media_download: bool = False
+) -> tuple[Emulator, User]:
+    """Return the emulator and the user whose token authorizes ``request``.
+
+    Also check the ``alt`` parameter: ``json``, or ``media`` where the method
+    supports media download.
+    """
     emulator = emulator_of(request)
     user = emulator.authenticate(bearer_token(request))
     request.scope["emulator.user_id"] = user.id
-    _check_alt(request)
+
+    alt = request.query_params.get("alt", "json")
+    if alt != "json" and not (media_download and alt == "media"):
+        expected = "'json' or 'media'" if media_download else "'json'"
+        raise bad_request(f"alt has value {alt!r}; expected {expected}.", field="alt")
 
     return emulator, user
-
-
-def _check_alt(request: Request, *, media: bool = False) -> bool:
-    alt = request.query_params.get("alt", "json")
-    if alt == "json" or (media and alt == "media"):
-        return alt == "media"
-
-    expected = "'json' or 'media'" if media else "'json'"
-    raise bad_request(f"alt has value {alt!r}; expected {expected}.", field="alt")
 
 
 async def read_json_body(request: Request) -> dict[str, Any]:
@@ -116,10 +117,11 @@ def _integer(request: Request, name: str) -> int | None:
 def item_response(
     request: Request, item: TimelineItem, status_code: int = 200
 ) -> Response:
-    """Return a timeline item as the API answers it."""
+    """Return a timeline item as the API answers it, with its ETag."""
     body = item.to_json(base_url(request))
+    headers = {"ETag": body["etag"]} if "etag" in body else None
 
-    return json_response(body, status_code, {"ETag": body.get("etag", '""')})
+    return json_response(body, status_code, headers)
 
 
 # Timeline
@@ -212,14 +214,11 @@ async def attachments_list(request: Request) -> Response:
 
 async def attachments_get(request: Request) -> Response:
     """Handle timeline.attachments.get, with its media download (alt=media)."""
-    emulator = emulator_of(request)
-    user = emulator.authenticate(bearer_token(request))
-    request.scope["emulator.user_id"] = user.id
-    media = _check_alt(request, media=True)
+    emulator, user = authenticate(request, media_download=True)
     attachment = emulator.attachment(
         user, request.path_params["itemId"], request.path_params["attachmentId"]
     )
-    if media:
+    if request.query_params.get("alt") == "media":
         return content_response(request, emulator, attachment)
 
     return json_response(attachment.to_json(base_url(request)))
@@ -325,24 +324,11 @@ async def upload(request: Request) -> Response:
     if upload_type == "resumable":
         return await _open_session(request, emulator, user, method, item_id)
     if upload_type == "multipart":
-        limit = emulator.config.max_upload_bytes + _MAX_JSON_BYTES
-        body = await uploads.read_body(request, limit)
-        parts = uploads.split_multipart(request.headers.get("content-type", ""), body)
-        metadata, media_type, content = uploads.metadata_and_media(parts)
-        if content.nbytes > emulator.config.max_upload_bytes:
-            raise uploads.too_large(emulator.config.max_upload_bytes)
-        writer = emulator.blob_writer()
-        uploads.copy_into(writer, content)
-        del parts, content, body
+        metadata, media_type, writer = await _receive_multipart(request, emulator)
     elif upload_type == "media":
         metadata = {}
         media_type = uploads.media_type_of(request.headers.get("content-type"))
-        writer = emulator.blob_writer()
-        try:
-            await uploads.stream_body(request, writer, emulator.config.max_upload_bytes)
-        except BaseException:
-            writer.abort()
-            raise
+        writer = await _receive_media(request, emulator)
     else:
         raise bad_request(
             f"uploadType has value {upload_type!r}; expected 'media', 'multipart' "
@@ -350,9 +336,36 @@ async def upload(request: Request) -> Response:
             field="uploadType",
         )
 
-    return _complete(
-        request, emulator, user, method, item_id, metadata, media_type, writer
-    )
+    received = Upload(method, item_id, metadata, media_type, writer)
+
+    return _complete(request, emulator, user, received)
+
+
+async def _receive_multipart(
+    request: Request, emulator: Emulator
+) -> tuple[dict[str, Any], str, BlobWriter]:
+    limit = emulator.config.max_upload_bytes
+    body = await uploads.read_body(request, limit + _MAX_JSON_BYTES)
+    parts = uploads.split_multipart(request.headers.get("content-type", ""), body)
+    metadata, media_type, content = uploads.metadata_and_media(parts)
+    if content.nbytes > limit:
+        raise uploads.too_large(limit)
+
+    writer = emulator.blob_writer()
+    uploads.copy_into(writer, content)
+
+    return metadata, media_type, writer
+
+
+async def _receive_media(request: Request, emulator: Emulator) -> BlobWriter:
+    writer = emulator.blob_writer()
+    try:
+        await uploads.stream_body(request, writer, emulator.config.max_upload_bytes)
+    except BaseException:
+        writer.abort()
+        raise
+
+    return writer
 
 
 def _upload_method(request: Request) -> str:
@@ -373,29 +386,24 @@ def _upload_method(request: Request) -> str:
 
 
 def _complete(
-    request: Request,
-    emulator: Emulator,
-    user: User,
-    method: str,
-    item_id: str | None,
-    metadata: dict[str, Any],
-    media_type: str,
-    writer: BlobWriter,
+    request: Request, emulator: Emulator, user: User, upload: Upload
 ) -> Response:
-    blob = writer.finish()
+    """Make the call a finished upload was for, with its content."""
+    blob = upload.writer.finish()
+    item_id = upload.item_id or ""
     try:
-        if method == "timeline.attachments.insert":
-            item = emulator.live_item(user, item_id or "")
-            attachment = emulator.add_attachment(user, item, media_type, blob)
+        if upload.method == "timeline.attachments.insert":
+            item = emulator.live_item(user, item_id)
+            attachment = emulator.add_attachment(user, item, upload.content_type, blob)
             return json_response(attachment.to_json(base_url(request)))
-        if method == "timeline.update":
-            item = emulator.update_item(user, item_id or "", metadata)
-            for old in item.attachments:
-                old.blob.discard()
+        if upload.method == "timeline.update":
+            item = emulator.update_item(user, item_id, upload.metadata)
+            for replaced in item.attachments:
+                replaced.blob.discard()
             item.attachments = []
         else:
-            item = emulator.insert_item(user, metadata)
-        emulator.add_attachment(user, item, media_type, blob)
+            item = emulator.insert_item(user, upload.metadata)
+        emulator.add_attachment(user, item, upload.content_type, blob)
     except BaseException:
         blob.discard()
         raise
@@ -420,22 +428,21 @@ async def _open_session(
     if method != "timeline.insert":
         emulator.live_item(user, item_id or "")
 
-    session = UploadSession(
-        id=new_secret(),
+    session_id = new_secret()
+    emulator.uploads[session_id] = Upload(
+        method,
+        item_id,
+        metadata,
+        media_type,
+        emulator.blob_writer(),
         user_id=user.id,
-        method=method,
-        item_id=item_id,
-        metadata=metadata,
-        content_type=media_type,
         total=total,
-        writer=emulator.blob_writer(),
     )
-    emulator.uploads[session.id] = session
     location = base_url(request) + request.url.path.lstrip("/")
 
     return Response(
         status_code=200,
-        headers={"Location": f"{location}?uploadType=resumable&upload_id={session.id}"},
+        headers={"Location": f"{location}?uploadType=resumable&upload_id={session_id}"},
     )
 
 
@@ -462,7 +469,7 @@ async def _resume(request: Request, emulator: Emulator, user: User) -> Response:
     try:
         await uploads.stream_body(request, writer, limit)
     except BaseException:
-        del emulator.uploads[session.id]
+        del emulator.uploads[session_id]
         writer.abort()
         raise
     finished = chunk is None or (
@@ -472,17 +479,8 @@ async def _resume(request: Request, emulator: Emulator, user: User) -> Response:
         headers = {"Range": f"bytes=0-{writer.size - 1}"} if writer.size else {}
         return Response(status_code=308, headers=headers)
 
-    del emulator.uploads[session.id]
-    return _complete(
-        request,
-        emulator,
-        user,
-        session.method,
-        session.item_id,
-        session.metadata,
-        session.content_type,
-        writer,
-    )
+    del emulator.uploads[session_id]
+    return _complete(request, emulator, user, session)
 
 
 # Subscriptions

@@ -75,19 +75,18 @@ class AccessToken:
 
 
 @dataclass
-class UploadSession:
-    """A resumable media upload under way."""
+class Upload:
+    """A media upload: the call it completes and the content received so far."""
 
-    id: str
-    user_id: str
     method: str
-    """Which call the upload completes: timeline.insert, timeline.update or
-    timeline.attachments.insert."""
+    """timeline.insert, timeline.update or timeline.attachments.insert."""
     item_id: str | None
     metadata: dict[str, Any]
     content_type: str
-    total: int | None
     writer: BlobWriter
+    user_id: str = ""
+    total: int | None = None
+    """The length announced by a resumable upload, once known."""
 
 
 class Emulator:
@@ -100,7 +99,8 @@ class Emulator:
         self.faults = FaultTable()
         self.requests = RequestLog(config.record_limit)
         self.deliverer = Deliverer(lambda: self.config)
-        self.uploads: dict[str, UploadSession] = {}
+        self.uploads: dict[str, Upload] = {}
+        """Resumable uploads under way, by session id."""
         self._refresh_tokens: dict[str, str] = {}
         self._access_tokens: dict[str, AccessToken] = {}
         self._content_dir: Path | None = None

@@ -151,6 +151,37 @@ def test_timeline_insert_refuses_media_that_is_not_audio_image_or_video(
     assert "application/pdf" in answer.json()["error"]["message"]
 
 
+def test_timeline_update_with_media_replaces_the_attachments(
+    service: Resource, credentials: Credentials
+) -> None:
+    item = service.timeline().insert(media_body=media(b"old", "image/png")).execute()
+
+    updated = (
+        service.timeline()
+        .update(
+            id=item["id"],
+            body={"text": "retaken"},
+            media_body=media(PHOTO, "image/jpeg"),
+        )
+        .execute()
+    )
+
+    (attachment,) = updated["attachments"]
+    assert attachment["id"] != item["attachments"][0]["id"]
+    assert download(credentials, attachment["contentUrl"]) == PHOTO
+
+
+def test_media_beyond_the_upload_limit_is_refused(
+    emulator: EmulatorAdmin, service: Resource
+) -> None:
+    emulator.configure(max_upload_bytes=1000)
+
+    with pytest.raises(mirror.HttpError) as raised:
+        service.timeline().insert(media_body=media(b"x" * 2000, "image/png")).execute()
+
+    assert raised.value.status_code == 413
+
+
 def test_timeline_list_pages_newest_first(service: Resource) -> None:
     inserted = [
         service.timeline().insert(body={"text": f"card {n}"}).execute()["id"]
