@@ -31,7 +31,7 @@ from workflows.models import NotificationResult, Outcome
 async def wait_for_objects(pipeline: Pipeline, count: int) -> list[str]:
     """Return the stored names once ``count`` objects are there."""
     deadline = time.monotonic() + 60
-    while (names := pipeline.storage.list()) and len(names) < count or not names:
+    while len(names := pipeline.storage.list()) < count:
         assert time.monotonic() < deadline, f"only {names} were stored"
         await asyncio.sleep(0.2)
 

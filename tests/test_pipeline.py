@@ -108,6 +108,7 @@ async def test_pipeline_waits_for_a_processing_video(pipeline: Pipeline) -> None
         subscribed.notification(shared["item"]["id"], "SHARE")
     )
     result = await handle.result()
+    await record(pipeline, handle, "stored-after-processing")
 
     assert result.outcome is Outcome.STORED
     [stored] = result.stored
@@ -259,9 +260,11 @@ async def test_pipeline_stores_the_latest_location_as_json(pipeline: Pipeline) -
     subscribed = pipeline.subscribe()
     fix = pipeline.emulator.add_location(subscribed.user, 48.8584, 2.2945)
 
-    result = await pipeline.run(
+    handle = await pipeline.start(
         subscribed.notification("latest", collection="locations")
     )
+    result = await handle.result()
+    await record(pipeline, handle, "stored-location")
 
     assert result.outcome is Outcome.STORED
     [stored] = result.stored
@@ -294,7 +297,7 @@ async def test_pipeline_ignores_what_it_does_not_process(
         )
     )
     result = await handle.result()
-    await record(pipeline, handle, f"ignored-{collection}-{'-'.join(actions)}")
+    await record(pipeline, handle, f"ignored-{'-'.join((collection, *actions))}")
 
     assert result.outcome is Outcome.IGNORED
     assert detail in result.detail
