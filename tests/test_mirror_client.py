@@ -8,6 +8,7 @@ import json
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import google.auth.exceptions
 import pytest
@@ -120,6 +121,22 @@ def test_build_mirror_calls_the_root_url_given(
     service.timeline().get(id=item_id).execute()
 
     assert calls_to(emulator, mark, f"/mirror/v1/timeline/{item_id}") == 1
+
+
+def test_build_mirror_serves_many_threads_at_once(
+    emulator: EmulatorAdmin, credentials: Credentials, item_id: str
+) -> None:
+    """Activities run on a thread pool and share the cached document."""
+
+    def fetch(_: int) -> str:
+        with mirror.build_mirror(credentials, root_url=emulator.root_url) as service:
+            fetched: str = service.timeline().get(id=item_id).execute()["id"]
+            return fetched
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        fetched = list(pool.map(fetch, range(32)))
+
+    assert fetched == [item_id] * 32
 
 
 # One attempt per call, and what a failure raises
