@@ -59,9 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run a Temporal worker")
     worker.set_defaults(run=_worker)
 
-    emulator = commands.add_parser("emulator", help="serve the Mirror emulator")
+    emulator = commands.add_parser(
+        "emulator",
+        help="serve the Mirror emulator",
+        description="Serve the Mirror emulator. Options after --host and --port "
+        "go to the emulator itself (see `python -m emulator --help`).",
+    )
     emulator.add_argument("--host", default="127.0.0.1")
     emulator.add_argument("--port", type=int, default=8090)
+    emulator.add_argument("options", nargs=argparse.REMAINDER)
     emulator.set_defaults(run=_emulator)
 
     _subscribers_parser(commands)
@@ -155,11 +161,11 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _emulator(args: argparse.Namespace, settings: Settings) -> int:
-    from emulator import serve
+    from emulator.__main__ import main as emulator_main
 
-    serve(host=args.host, port=args.port)
+    options = ["--host", args.host, "--port", str(args.port), *args.options]
 
-    return 0
+    return emulator_main(options)
 
 
 def _subscribers_add(args: argparse.Namespace, settings: Settings) -> int:
@@ -229,4 +235,12 @@ def _replay(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _demo_share_photo(args: argparse.Namespace, settings: Settings) -> int:
-    raise MirrorflowError("demo is not wired yet")
+    from mirrorflow.demo import share_photo
+
+    shared = share_photo(args.emulator, args.user)
+    item = shared["item"]["id"]
+    print(f"{args.user!r} shared item {item}; notifications sent:")
+    for notification in shared["notifications"]:
+        print(f"  {json.dumps(notification)}")
+
+    return 0

@@ -270,6 +270,8 @@ def check_ports_free(ports: DevPorts) -> None:
 def run_dev(data_dir: Path, ports: DevPorts, out: TextIO = sys.stdout) -> int:
     """Run everything until Ctrl-C or a child's exit; return an exit status."""
     service = DevService(data_dir=data_dir, ports=ports, out=out)
+    # Set both: a shell that starts us in the background ignores SIGINT.
+    signal.signal(signal.SIGINT, _raise_interrupt)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         service.start()

@@ -70,8 +70,9 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
         logger.propagate = True
     # One line per request comes from the webhook itself.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
-    # Google's discovery client logs every URL it requests at INFO.
-    logging.getLogger("googleapiclient.discovery").setLevel(logging.WARNING)
+    # Google's discovery client and httpx log every URL they request at INFO.
+    for chatty in ("googleapiclient.discovery", "httpx"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def _drop_color_message(
