@@ -54,9 +54,6 @@ from temporalio.client import (
 )
 from temporalio.common import (
     RetryPolicy,
-    SearchAttributeKey,
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -65,13 +62,11 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from mirrorflow.errors import MirrorflowError, TemporalUnavailable
 from workflows.models import (
-    COLLECTION,
-    ITEM_ID,
-    OPERATION,
     USER_TOKEN,
     WORKFLOW_NAME,
     Notification,
     NotificationResult,
+    search_attributes_for,
 )
 
 REPLAYED_STATUSES = (
@@ -90,15 +85,6 @@ _STATUS_NAMES = {
     WorkflowExecutionStatus.CONTINUED_AS_NEW: "ContinuedAsNew",
     WorkflowExecutionStatus.TIMED_OUT: "TimedOut",
 }
-
-# The attributes a run is started with. MirrorOutcome is left out: the new run
-# sets its own when it ends.
-_COPIED_ATTRIBUTES: tuple[SearchAttributeKey[str], ...] = (
-    USER_TOKEN,
-    ITEM_ID,
-    COLLECTION,
-    OPERATION,
-)
 
 _DURATION = re.compile(r"(?:\d+[smhdw])+")
 _DURATION_PART = re.compile(r"(\d+)([smhdw])")
@@ -536,7 +522,7 @@ async def _start_again(
             if started.HasField("retry_policy")
             else None
         ),
-        search_attributes=_copied_attributes(latest, notification),
+        search_attributes=search_attributes_for(notification),
         static_summary=summary,
         static_details=(
             f"Started by `mirrorflow replay` because run {latest.run_id} "
@@ -549,26 +535,6 @@ async def _start_again(
         raise _UnreadableRun(f"Temporal started {latest.id} but named no run id")
 
     return handle.result_run_id
-
-
-def _copied_attributes(
-    latest: WorkflowExecutionDescription, notification: Notification
-) -> TypedSearchAttributes:
-    """Return the run's search attributes, filling gaps from its notification."""
-    fallback = {
-        USER_TOKEN.name: notification.user_token,
-        ITEM_ID.name: notification.item_id,
-        COLLECTION.name: notification.collection,
-        OPERATION.name: notification.operation,
-    }
-    recorded = latest.typed_search_attributes
-
-    return TypedSearchAttributes(
-        [
-            SearchAttributePair(key, recorded.get(key) or fallback[key.name])
-            for key in _COPIED_ATTRIBUTES
-        ]
-    )
 
 
 def _duration(value: Duration) -> timedelta | None:

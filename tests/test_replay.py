@@ -18,8 +18,6 @@ import pytest
 from temporalio import activity, workflow
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import ApplicationError
@@ -35,14 +33,12 @@ from mirrorflow.replay import (
     replay_failed,
 )
 from workflows.models import (
-    COLLECTION,
-    ITEM_ID,
-    OPERATION,
     USER_TOKEN,
     WORKFLOW_NAME,
     Notification,
     NotificationResult,
     Outcome,
+    search_attributes_for,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -119,14 +115,7 @@ async def run_notification(
         id=workflow_id,
         task_queue=task_queue,
         result_type=NotificationResult,
-        search_attributes=TypedSearchAttributes(
-            [
-                SearchAttributePair(USER_TOKEN, notification.user_token),
-                SearchAttributePair(ITEM_ID, notification.item_id),
-                SearchAttributePair(COLLECTION, notification.collection),
-                SearchAttributePair(OPERATION, notification.operation),
-            ]
-        ),
+        search_attributes=search_attributes_for(notification),
         static_summary=f"{notification.collection} {notification.item_id}",
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
     )

@@ -32,8 +32,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from temporalio.client import Client, WorkflowHandle
 from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
@@ -49,12 +47,9 @@ from webhook.metrics import WebhookMetrics
 from webhook.notifications import MAX_BODY_BYTES, NotificationError, parse_notification
 from webhook.senders import SenderCheck, Verdict
 from workflows.models import (
-    COLLECTION,
-    ITEM_ID,
-    OPERATION,
-    USER_TOKEN,
     WORKFLOW_NAME,
     Notification,
+    search_attributes_for,
     workflow_id_for,
 )
 
@@ -238,14 +233,7 @@ class Webhook:
                 task_queue=self.settings.temporal_task_queue,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(USER_TOKEN, notification.user_token),
-                        SearchAttributePair(ITEM_ID, notification.item_id),
-                        SearchAttributePair(COLLECTION, notification.collection),
-                        SearchAttributePair(OPERATION, notification.operation),
-                    ]
-                ),
+                search_attributes=search_attributes_for(notification),
                 static_summary=summarize(notification),
                 rpc_timeout=self._rpc_timeout,
             )

@@ -12,7 +12,11 @@ import json
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
-from temporalio.common import SearchAttributeKey
+from temporalio.common import (
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+)
 
 WORKFLOW_NAME = "NotificationWorkflow"
 
@@ -192,3 +196,18 @@ def workflow_id_for(notification: Notification) -> str:
     digest = sha256_hex(canonical)[:32]
 
     return f"mirror-{notification.collection}-{digest}"
+
+
+def search_attributes_for(notification: Notification) -> TypedSearchAttributes:
+    """Return the search attributes a notification's run starts with.
+
+    ``MirrorOutcome`` is missing on purpose: the workflow sets it when it ends.
+    """
+    return TypedSearchAttributes(
+        [
+            SearchAttributePair(USER_TOKEN, notification.user_token),
+            SearchAttributePair(ITEM_ID, notification.item_id),
+            SearchAttributePair(COLLECTION, notification.collection),
+            SearchAttributePair(OPERATION, notification.operation),
+        ]
+    )
