@@ -13,14 +13,13 @@ from datetime import timedelta
 
 import structlog
 from temporalio.client import Client
-from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.notification import NotificationActivities
 from activities.storage import open_storage
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings
-from mirrorflow.temporal import connect
+from mirrorflow.temporal import connect, process_runtime
 from workflows import NotificationWorkflow
 
 log = structlog.get_logger("mirrorflow.worker")
@@ -66,19 +65,10 @@ def create_worker(
     )
 
 
-def _runtime(settings: Settings) -> Runtime | None:
-    if settings.worker_metrics_port is None:
-        return None
-    address = f"0.0.0.0:{settings.worker_metrics_port}"
-
-    return Runtime(
-        telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=address))
-    )
-
-
 async def run_worker(settings: Settings) -> None:
     """Run a worker until SIGINT or SIGTERM, then drain it gracefully."""
-    client = await connect(settings, runtime=_runtime(settings))
+    runtime = process_runtime(metrics_port=settings.worker_metrics_port)
+    client = await connect(settings, runtime=runtime)
     worker = create_worker(client, settings, create_activities(settings))
 
     stop = asyncio.Event()

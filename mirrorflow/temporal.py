@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.runtime import Runtime
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    PrometheusConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 from temporalio.service import RetryConfig, TLSConfig
 
 from mirrorflow.errors import TemporalUnavailable
@@ -22,6 +30,24 @@ def _tls_config(settings: Settings) -> bool | TLSConfig:
         )
 
     return settings.temporal_tls or settings.temporal_api_key is not None
+
+
+def process_runtime(*, metrics_port: int | None = None) -> Runtime:
+    """Return the SDK runtime of a mirrorflow process.
+
+    The SDK core's own log lines go through the standard library (and so
+    through structlog's renderer) instead of straight to stderr; with a
+    ``metrics_port`` the SDK's metrics are served for Prometheus.
+    """
+    logging_config = LoggingConfig(
+        filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+        forwarding=LogForwardingConfig(logger=logging.getLogger("temporalio.core")),
+    )
+    metrics = None
+    if metrics_port is not None:
+        metrics = PrometheusConfig(bind_address=f"0.0.0.0:{metrics_port}")
+
+    return Runtime(telemetry=TelemetryConfig(logging=logging_config, metrics=metrics))
 
 
 async def connect(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 from temporalio.client import Client, WorkflowHandle
 
 from activities.storage import open_storage
@@ -22,7 +24,7 @@ from emulator.testing import EmulatorAdmin
 from mirrorflow.settings import Settings
 from mirrorflow.subscribing import add_subscriber
 from tests.fixtures.pipeline import Pipeline, pipeline_settings
-from tests.fixtures.servers import serving
+from tests.fixtures.servers import free_port, serving
 from tests.test_pipeline import wait_for_activity
 from webhook.app import create_app
 from workflows.models import NotificationResult, Outcome
@@ -70,11 +72,12 @@ async def test_shared_photo_travels_from_glass_to_storage(
 
 @contextmanager
 def worker_process(
-    settings: Settings, address: str, task_queue: str
+    settings: Settings, address: str, task_queue: str, **variables: str
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run ``mirrorflow worker`` as a child process with these settings."""
     env = {
         **os.environ,
+        **variables,
         "MIRRORFLOW_TEMPORAL_ADDRESS": address,
         "MIRRORFLOW_TEMPORAL_TASK_QUEUE": task_queue,
         "MIRRORFLOW_MIRROR_ROOT_URL": settings.mirror_root_url,
@@ -138,3 +141,28 @@ async def test_run_survives_its_worker_being_killed(
         expected.hexdigest()
     )
     await pipeline.check_histories()
+
+
+async def test_worker_serves_sdk_metrics_for_prometheus(
+    temporal_client: Client,
+    task_queue: str,
+    emulator: EmulatorAdmin,
+    tmp_path: Path,
+) -> None:
+    settings = pipeline_settings(emulator, tmp_path, f"file://{tmp_path / 'objects'}")
+    address = temporal_client.service_client.config.target_host
+    port = free_port()
+
+    with worker_process(
+        settings, address, task_queue, MIRRORFLOW_WORKER_METRICS_PORT=str(port)
+    ):
+        text = ""
+        deadline = time.monotonic() + 30
+        async with httpx.AsyncClient() as http:
+            while "temporal_" not in text:
+                assert time.monotonic() < deadline, "the worker served no metrics"
+                await asyncio.sleep(0.2)
+                with contextlib.suppress(httpx.HTTPError):
+                    text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+
+    assert f'task_queue="{task_queue}"' in text

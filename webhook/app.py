@@ -42,7 +42,7 @@ from activities.subscribers import SubscriberStore
 from mirrorflow.errors import TemporalUnavailable
 from mirrorflow.logs import configure_logging
 from mirrorflow.settings import Settings, load_settings
-from mirrorflow.temporal import connect
+from mirrorflow.temporal import connect, process_runtime
 from webhook.metrics import WebhookMetrics
 from webhook.notifications import MAX_BODY_BYTES, NotificationError, parse_notification
 from webhook.senders import SenderCheck, Verdict
@@ -332,7 +332,9 @@ async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> 
         TemporalUnavailable: Temporal could not be reached at startup.
     """
     try:
-        client = await connect(settings, retry_config=_retries(settings))
+        client = await connect(
+            settings, runtime=process_runtime(), retry_config=_retries(settings)
+        )
     except TemporalUnavailable as exc:
         log.error("webhook_startup_failed", error=str(exc))
         raise
