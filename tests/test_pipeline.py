@@ -336,3 +336,34 @@ async def test_pipeline_rides_out_a_storage_outage(
     [stored] = result.stored
     assert gcs_pipeline.storage.read(stored.name) == PHOTO
     assert gcs_pipeline.storage.list() == [stored.name]
+
+
+async def test_pipeline_gives_up_on_a_video_that_never_finishes_processing(
+    temporal_client: Client, task_queue: str, emulator: EmulatorAdmin, tmp_path: Path
+) -> None:
+    settings = pipeline_settings(
+        emulator, tmp_path, f"file://{tmp_path / 'objects'}", processing_timeout=4.0
+    )
+    async for pipeline in run_pipeline(temporal_client, task_queue, emulator, settings):
+        subscribed = pipeline.subscribe()
+        shared = pipeline.emulator.share(
+            subscribed.user,
+            pipeline.remember(os.urandom(1_000)),
+            content_type="video/mp4",
+            processing_seconds=600,
+        )
+
+        handle = await pipeline.start(
+            subscribed.notification(shared["item"]["id"], "SHARE")
+        )
+        with pytest.raises(WorkflowFailureError) as caught:
+            await handle.result()
+
+        activity_error = caught.value.cause
+        assert isinstance(activity_error, ActivityError)
+        failure = activity_error.cause
+        assert isinstance(failure, ApplicationError)
+        assert failure.type == ErrorType.PROCESSING_TIMED_OUT
+        assert "MIRRORFLOW_PROCESSING_TIMEOUT" in failure.message
+        assert await activity_attempts(handle, "fetch_attachment") > 1
+        assert pipeline.storage.list() == []
