@@ -22,7 +22,8 @@ from mirrorflow.errors import TemporalUnavailable
 from mirrorflow.settings import Settings
 
 
-def _tls_config(settings: Settings) -> bool | TLSConfig:
+def tls_config(settings: Settings) -> bool | TLSConfig:
+    """Return how to reach Temporal: mTLS, plain TLS (Cloud API key) or none."""
     if settings.temporal_tls_cert and settings.temporal_tls_key:
         return TLSConfig(
             client_cert=settings.temporal_tls_cert.read_bytes(),
@@ -73,7 +74,7 @@ async def connect(
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
                 api_key=api_key.get_secret_value() if api_key else None,
-                tls=_tls_config(settings),
+                tls=tls_config(settings),
                 data_converter=pydantic_data_converter,
                 connect_timeout=timedelta(seconds=timeout),
                 runtime=runtime,

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from temporalio.service import TLSConfig
 
 from mirrorflow.errors import SettingsError
 from mirrorflow.settings import load_settings
+from mirrorflow.temporal import tls_config
 
 
 def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,3 +66,48 @@ def test_settings_mask_secrets_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "very-secret-key" not in str(settings)
     assert settings.temporal_api_key is not None
     assert settings.temporal_api_key.get_secret_value() == "very-secret-key"
+
+
+def test_settings_read_dotenv_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / ".env").write_text("MIRRORFLOW_TEMPORAL_NAMESPACE=from-dotenv\n")
+    monkeypatch.chdir(tmp_path)
+
+    settings = load_settings()
+
+    assert settings.temporal_namespace == "from-dotenv"
+
+
+@pytest.mark.parametrize(
+    ("variables", "expected"),
+    [
+        pytest.param({}, False, id="plain"),
+        pytest.param({"MIRRORFLOW_TEMPORAL_TLS": "true"}, True, id="tls"),
+        pytest.param({"MIRRORFLOW_TEMPORAL_API_KEY": "key"}, True, id="api-key"),
+    ],
+)
+def test_temporal_cloud_settings_turn_on_tls(
+    monkeypatch: pytest.MonkeyPatch, variables: dict[str, str], expected: bool
+) -> None:
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+
+    tls = tls_config(load_settings())
+
+    assert tls is expected
+
+
+def test_temporal_client_certificate_makes_mutual_tls(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    (tmp_path / "client.pem").write_bytes(b"certificate")
+    (tmp_path / "client.key").write_bytes(b"private key")
+    monkeypatch.setenv("MIRRORFLOW_TEMPORAL_TLS_CERT", str(tmp_path / "client.pem"))
+    monkeypatch.setenv("MIRRORFLOW_TEMPORAL_TLS_KEY", str(tmp_path / "client.key"))
+
+    tls = tls_config(load_settings())
+
+    assert isinstance(tls, TLSConfig)
+    assert tls.client_cert == b"certificate"
+    assert tls.client_private_key == b"private key"
