@@ -9,7 +9,7 @@ and what was expected.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     start_deadline: PositiveFloat = 3.0
     retry_after: PositiveInt = 5
     check_sender: bool = True
+    intake: Literal["direct", "log"] = "direct"
+    intake_path: Path = Path("data/intake.db")
+    intake_max_backlog: PositiveInt = 100_000
+    intake_max_bytes: PositiveInt = 256 * 1024 * 1024
+    intake_forward_concurrency: PositiveInt = 32
 
     # Worker
     max_concurrent_activities: PositiveInt = 20

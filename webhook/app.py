@@ -1,15 +1,20 @@
 """The Starlette app that receives Mirror's notifications and starts workflows.
 
-``POST /notify`` answers 200 only once Temporal has accepted the workflow
-start; every other answer lets Mirror resend. The routes:
+``POST /notify`` answers 200 only once the notification is durable: with
+``MIRRORFLOW_INTAKE=direct`` once Temporal has accepted the workflow start,
+with ``MIRRORFLOW_INTAKE=log`` once it is committed to the local intake log
+(:mod:`webhook.intake`), from which a forwarder starts the workflow. Every
+other answer lets Mirror resend. The routes:
 
 - ``POST <webhook_path>``: validate the notification, check its sender,
-  start (or join) its ``NotificationWorkflow``, answer.
+  start (or join) its ``NotificationWorkflow`` or log it, answer.
 - ``GET /healthz``: the process is alive.
-- ``GET /readyz``: Temporal answers a health check.
+- ``GET /readyz``: Temporal answers a health check (direct), or the intake
+  log takes notifications (log).
 - ``GET /metrics``: Prometheus text.
 
-docs/webhook.md explains the status codes and the decisions behind them.
+docs/webhook.md and docs/intake.md explain the status codes and the
+decisions behind them.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from mirrorflow.errors import TemporalUnavailable
 from mirrorflow.logs import configure_logging
 from mirrorflow.settings import Settings, load_settings
 from mirrorflow.temporal import connect, process_runtime
+from webhook.intake import Forwarder, IntakeError, IntakeLog
 from webhook.metrics import WebhookMetrics
 from webhook.notifications import MAX_BODY_BYTES, NotificationError, parse_notification
 from webhook.senders import SenderCheck, Verdict
@@ -101,6 +107,16 @@ class Webhook:
             store = subscribers or SubscriberStore(settings.database_path)
             self.sender_check = SenderCheck(store)
 
+        self.intake: IntakeLog | None = None
+        self.forwarder: Forwarder | None = None
+        if settings.intake == "log":
+            self.intake = IntakeLog(
+                settings.intake_path,
+                max_rows=settings.intake_max_backlog,
+                max_bytes=settings.intake_max_bytes,
+                metrics=self.metrics,
+            )
+
         self._rpc_timeout = timedelta(seconds=settings.start_deadline)
         self._retry_after = {"Retry-After": str(settings.retry_after)}
 
@@ -108,21 +124,35 @@ class Webhook:
         return (
             f"Webhook(path={self.settings.webhook_path!r}, "
             f"task_queue={self.settings.temporal_task_queue!r}, "
-            f"check_sender={self.settings.check_sender})"
+            f"check_sender={self.settings.check_sender}, "
+            f"intake={self.settings.intake!r})"
         )
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         """Connect to Temporal once for the whole process, unless given a client.
 
+        With the intake log on, open it and forward what it holds until the
+        app stops; then commit what is pending and close it.
+
         Raises:
             TemporalUnavailable: Temporal could not be reached in time; the
                 server does not start.
+            IntakeError: the intake log is held by another process.
         """
         if self.client is None:
             self.client = await connect(
                 self.settings, retry_config=_retries(self.settings)
             )
+        if self.intake is not None:
+            await self.intake.open()
+            self.forwarder = Forwarder(
+                self.intake,
+                self._start_workflow,
+                concurrency=self.settings.intake_forward_concurrency,
+                metrics=self.metrics,
+            )
+            self.forwarder.start()
 
         log.info(
             "webhook_started",
@@ -131,11 +161,19 @@ class Webhook:
             namespace=self.client.namespace,
             task_queue=self.settings.temporal_task_queue,
             check_sender=self.settings.check_sender,
+            intake=self.settings.intake,
         )
-        yield
+        try:
+            yield
+        finally:
+            if self.forwarder is not None:
+                await self.forwarder.stop()
+                self.forwarder = None
+            if self.intake is not None:
+                await self.intake.close()
 
     async def notify(self, request: Request) -> Response:
-        """Accept one notification: validate, check the sender, start, answer."""
+        """Accept one notification: validate, check the sender, start or log it."""
         began = time.perf_counter()
         context: dict[str, Any] = {}
         try:
@@ -147,16 +185,22 @@ class Webhook:
                 item_id=notification.item_id,
             )
             workflow_id = context["workflow_id"] = workflow_id_for(notification)
-            is_new = await self._accept(notification, workflow_id)
+            if self.intake is None:
+                is_new = await self._accept(notification, workflow_id)
+            else:
+                await self._log(notification, workflow_id, self.intake)
         except NotificationError as exc:
             response = self._refuse(_Refusal(400, exc.reason, str(exc)), context)
         except _Refusal as refusal:
             response = self._refuse(refusal, context)
         else:
-            context["outcome"] = "started" if is_new else "duplicate"
-            if is_new:
+            if self.intake is not None:
+                context["outcome"] = "logged"
+            elif is_new:
+                context["outcome"] = "started"
                 self.metrics.workflows_started.inc()
             else:
+                context["outcome"] = "duplicate"
                 self.metrics.duplicates.inc()
             response = JSONResponse({"status": "accepted", "workflow_id": workflow_id})
 
@@ -189,6 +233,28 @@ class Webhook:
                 f"{deadline:g} s; try again later.",
                 headers=self._retry_after,
             ) from None
+
+    async def _log(
+        self, notification: Notification, workflow_id: str, intake: IntakeLog
+    ) -> None:
+        """Check the sender and commit the notification to the intake log."""
+        deadline = self.settings.start_deadline
+        try:
+            async with asyncio.timeout(deadline):
+                await self._check_sender(notification)
+                await intake.append(notification, workflow_id)
+        except TimeoutError:
+            raise _Refusal(
+                503,
+                "deadline_exceeded",
+                f"The notification could not be written to disk within "
+                f"{deadline:g} s; try again later.",
+                headers=self._retry_after,
+            ) from None
+        except IntakeError as exc:
+            raise _Refusal(
+                503, exc.reason, str(exc), headers=self._retry_after
+            ) from exc
 
     async def _check_sender(self, notification: Notification) -> None:
         if self.sender_check is None:
@@ -226,6 +292,26 @@ class Webhook:
             )
 
         try:
+            return await self._start_workflow(notification, workflow_id)
+        except RPCError as exc:
+            raise _Refusal(
+                503,
+                "temporal_unavailable",
+                "Temporal did not accept the workflow start; try again later.",
+                headers=self._retry_after,
+                detail=f"{exc.status.name}: {exc.message}",
+            ) from exc
+
+    async def _start_workflow(
+        self, notification: Notification, workflow_id: str
+    ) -> bool:
+        """Start or join a notification's workflow; return whether a run began.
+
+        Raises:
+            RPCError: Temporal did not accept the start.
+        """
+        assert self.client is not None, "connected in the lifespan"
+        try:
             handle = await self.client.start_workflow(
                 WORKFLOW_NAME,
                 notification,
@@ -240,14 +326,6 @@ class Webhook:
         except WorkflowAlreadyStartedError:
             # A completed run of this id exists: the notification was handled.
             return False
-        except RPCError as exc:
-            raise _Refusal(
-                503,
-                "temporal_unavailable",
-                "Temporal did not accept the workflow start; try again later.",
-                headers=self._retry_after,
-                detail=f"{exc.status.name}: {exc.message}",
-            ) from exc
 
         return _is_new_run(handle)
 
@@ -267,9 +345,38 @@ class Webhook:
         return JSONResponse({"status": "alive"})
 
     async def readyz(self, request: Request) -> Response:
-        """Answer 200 when Temporal answers a health check, else 503."""
+        """Answer 200 when the webhook can give a 200, else 503.
+
+        Direct: when Temporal answers a health check. Log: when the intake
+        log is open and below its limit, whatever Temporal's state, which
+        the body reports beside the backlog.
+        """
+        temporal_problem = await self._temporal_problem()
+        if self.intake is None:
+            if temporal_problem is not None:
+                return _not_ready(temporal_problem)
+            return JSONResponse({"status": "ready"})
+
+        body: dict[str, Any] = {"status": "ready"}
+        if self.intake.is_open:
+            backlog = await self.intake.backlog()
+            body["intake"] = {
+                "backlog": backlog.rows,
+                "backlog_bytes": backlog.bytes,
+                "oldest_age_seconds": round(backlog.oldest_age, 3),
+            }
+        body["temporal"] = temporal_problem or "serving"
+        if not self.intake.is_open:
+            body.update(status="unavailable", error="the intake log is not open")
+        elif self.intake.is_full:
+            body.update(status="unavailable", error="the intake log is full")
+
+        return JSONResponse(body, 200 if body["status"] == "ready" else 503)
+
+    async def _temporal_problem(self) -> str | None:
+        """Return why Temporal does not answer a health check, or None."""
         if self.client is None:
-            return _not_ready("not connected to Temporal yet")
+            return "not connected to Temporal yet"
 
         try:
             async with asyncio.timeout(READINESS_TIMEOUT):
@@ -277,16 +384,22 @@ class Webhook:
                     timeout=timedelta(seconds=READINESS_TIMEOUT)
                 )
         except TimeoutError:
-            return _not_ready(f"no answer from Temporal within {READINESS_TIMEOUT:g} s")
+            return f"no answer from Temporal within {READINESS_TIMEOUT:g} s"
         except RPCError as exc:
-            return _not_ready(f"{exc.status.name}: {exc.message}")
+            return f"{exc.status.name}: {exc.message}"
         if not serving:
-            return _not_ready("Temporal's workflow service is not serving")
+            return "Temporal's workflow service is not serving"
 
-        return JSONResponse({"status": "ready"})
+        return None
 
     async def metrics_text(self, request: Request) -> Response:
         """Answer with the metrics in Prometheus' text format."""
+        if self.intake is not None and self.intake.is_open:
+            backlog = await self.intake.backlog()
+            self.metrics.intake_backlog.set(backlog.rows)
+            self.metrics.intake_backlog_bytes.set(backlog.bytes)
+            self.metrics.intake_oldest_age.set(backlog.oldest_age)
+
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 

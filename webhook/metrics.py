@@ -7,7 +7,13 @@ build many apps without their metrics colliding.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 STATUSES = ("200", "400", "403", "413", "415", "503")
 """The statuses ``POST /notify`` answers with, shown at 0 before the first."""
@@ -23,6 +29,8 @@ REASONS = (
     "temporal_unavailable",
     "deadline_exceeded",
     "client_disconnected",
+    "intake_full",
+    "intake_unavailable",
 )
 """Why a notification was not accepted, one label value per cause."""
 
@@ -61,6 +69,43 @@ class WebhookMetrics:
             "mirrorflow_webhook_rejections",
             "Notification requests not accepted, by reason.",
             ["reason"],
+            registry=self.registry,
+        )
+
+        self.intake_appended = Counter(
+            "mirrorflow_intake_appended",
+            "Notifications committed to the intake log (each one answered 200).",
+            registry=self.registry,
+        )
+        self.intake_commits = Counter(
+            "mirrorflow_intake_commits",
+            "Transactions committed to the intake log; appended / commits is "
+            "the average group commit.",
+            registry=self.registry,
+        )
+        self.intake_forwarded = Counter(
+            "mirrorflow_intake_forwarded",
+            "Logged notifications whose workflow start Temporal accepted.",
+            registry=self.registry,
+        )
+        self.intake_forward_failures = Counter(
+            "mirrorflow_intake_forward_failures",
+            "Workflow starts from the intake log that Temporal did not accept.",
+            registry=self.registry,
+        )
+        self.intake_backlog = Gauge(
+            "mirrorflow_intake_backlog",
+            "Notifications in the intake log that Temporal has not accepted yet.",
+            registry=self.registry,
+        )
+        self.intake_backlog_bytes = Gauge(
+            "mirrorflow_intake_backlog_bytes",
+            "Bytes of notifications in the intake log not accepted by Temporal.",
+            registry=self.registry,
+        )
+        self.intake_oldest_age = Gauge(
+            "mirrorflow_intake_oldest_age_seconds",
+            "Age of the oldest notification in the intake log (0 when empty).",
             registry=self.registry,
         )
 

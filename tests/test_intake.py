@@ -1,0 +1,373 @@
+"""With the intake log on, a 200 means on disk, and Temporal gets every ping once.
+
+Each test runs the webhook with ``MIRRORFLOW_INTAKE=log`` against a real
+Temporal dev server, served by uvicorn so that the app's lifespan opens the
+log and starts the forwarder. No worker runs: the started workflows stay
+open on the test's task queue, where they are counted by workflow id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from activities.subscribers import SubscriberStore
+from mirrorflow.settings import Settings, load_settings
+from tests.fixtures.servers import free_port, serving
+from tests.test_webhook import CREDENTIALS, VERIFY_TOKEN, DevServer, ping, sample
+from webhook.app import create_app
+from webhook.intake import IntakeError, IntakeLog
+from webhook.metrics import WebhookMetrics
+from workflows.models import sha256_hex
+
+
+@pytest.fixture
+def settings(task_queue: str, tmp_path: Path) -> Settings:
+    """Return settings with the intake log on, in the test's own folder."""
+    return load_settings(
+        temporal_task_queue=task_queue,
+        intake="log",
+        intake_path=tmp_path / "intake" / "intake.db",
+        check_sender=False,
+        start_deadline=1.0,
+        retry_after=7,
+    )
+
+
+def refusing_client(temporal_env: WorkflowEnvironment) -> Client:
+    """Return a client whose every start Temporal refuses (no such namespace)."""
+    return Client(
+        temporal_env.client.service_client,
+        namespace="no-such-namespace",
+        data_converter=pydantic_data_converter,
+    )
+
+
+async def workflow_ids(client: Client, task_queue: str) -> collections.Counter[str]:
+    """Return how many runs each workflow id has on a task queue."""
+    query = f'TaskQueue="{task_queue}"'
+
+    return collections.Counter([run.id async for run in client.list_workflows(query)])
+
+
+async def runs_once_visible(
+    client: Client, task_queue: str, expected: set[str], within: float = 20
+) -> collections.Counter[str]:
+    """Return the runs per workflow id once every expected id is visible.
+
+    Visibility lags behind starts, and the forwarder may still be at work, so
+    poll for a while and return the last count seen if it never gets there.
+    """
+    deadline = time.monotonic() + within
+    while True:
+        runs = await workflow_ids(client, task_queue)
+        if expected <= runs.keys() or time.monotonic() > deadline:
+            return runs
+        await asyncio.sleep(0.2)
+
+
+async def drained(http: httpx.AsyncClient, within: float = 30) -> dict[str, Any]:
+    """Return the readiness body once the intake log is empty."""
+    deadline = time.monotonic() + within
+    while True:
+        body: dict[str, Any] = (await http.get("/readyz")).json()
+        if body["intake"]["backlog"] == 0 or time.monotonic() > deadline:
+            return body
+        await asyncio.sleep(0.1)
+
+
+async def test_intake_acknowledged_pings_start_one_run_each(
+    settings: Settings, temporal_client: Client, task_queue: str
+) -> None:
+    app = create_app(settings, client=temporal_client)
+    bodies = [ping() for _ in range(40)]
+    resent = ping()
+
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        responses = await asyncio.gather(
+            *(http.post("/notify", json=body) for body in [*bodies, *[resent] * 10])
+        )
+        ready = await drained(http)
+
+    acknowledged = {r.json()["workflow_id"] for r in responses if r.status_code == 200}
+    runs = await runs_once_visible(temporal_client, task_queue, acknowledged)
+    assert [r.status_code for r in responses] == [200] * 50
+    assert len(acknowledged) == 41
+    assert runs == dict.fromkeys(acknowledged, 1)
+    assert ready["status"] == "ready"
+    assert ready["temporal"] == "serving"
+    assert sample(app, "mirrorflow_intake_appended_total") == 50
+    assert sample(app, "mirrorflow_intake_forwarded_total") == 50
+    assert sample(app, "mirrorflow_webhook_workflows_started_total") == 41
+
+
+async def test_intake_checks_the_sender_before_logging(
+    settings: Settings, temporal_client: Client, tmp_path: Path
+) -> None:
+    store = SubscriberStore(tmp_path / "subscribers.db")
+    store.add("alice", CREDENTIALS, verify_token_sha256=sha256_hex(VERIFY_TOKEN))
+    checked = settings.model_copy(update={"check_sender": True})
+    app = create_app(checked, client=temporal_client, subscribers=store)
+
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        forged = await http.post("/notify", json=ping(verifyToken="guessed"))
+        genuine = await http.post("/notify", json=ping())
+
+    assert (forged.status_code, genuine.status_code) == (403, 200)
+    assert sample(app, "mirrorflow_intake_appended_total") == 1
+
+
+async def test_intake_full_answers_503_and_is_not_ready(
+    settings: Settings, temporal_env: WorkflowEnvironment
+) -> None:
+    small = settings.model_copy(update={"intake_max_backlog": 3})
+    app = create_app(small, client=refusing_client(temporal_env))
+
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        responses = [await http.post("/notify", json=ping()) for _ in range(5)]
+        ready = await http.get("/readyz")
+
+    assert [r.status_code for r in responses] == [200, 200, 200, 503, 503]
+    assert responses[3].headers["retry-after"] == "7"
+    assert responses[3].json()["error"] == (
+        "The webhook holds 3 notifications that Temporal has not accepted yet, "
+        "as many as it may; try again later."
+    )
+    assert ready.status_code == 503
+    assert ready.json()["error"] == "the intake log is full"
+    assert ready.json()["intake"]["backlog"] == 3
+    assert sample(app, "mirrorflow_webhook_rejections_total", reason="intake_full") == 2
+
+
+async def test_intake_forwards_what_was_left_at_the_next_start(
+    settings: Settings,
+    temporal_env: WorkflowEnvironment,
+    temporal_client: Client,
+    task_queue: str,
+) -> None:
+    refused = create_app(settings, client=refusing_client(temporal_env))
+    async with serving(refused) as url, httpx.AsyncClient(base_url=url) as http:
+        responses = [await http.post("/notify", json=ping()) for _ in range(5)]
+        left = (await http.get("/readyz")).json()
+
+    app = create_app(settings, client=temporal_client)
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        ready = await drained(http)
+
+    acknowledged = {r.json()["workflow_id"] for r in responses}
+    runs = await runs_once_visible(temporal_client, task_queue, acknowledged)
+    assert [r.status_code for r in responses] == [200] * 5
+    assert left["intake"]["backlog"] == 5
+    assert left["intake"]["oldest_age_seconds"] > 0
+    assert ready["intake"] == {
+        "backlog": 0,
+        "backlog_bytes": 0,
+        "oldest_age_seconds": 0.0,
+    }
+    assert runs == dict.fromkeys(acknowledged, 1)
+
+
+async def test_intake_metrics_show_backlog_and_its_age(
+    settings: Settings, temporal_env: WorkflowEnvironment
+) -> None:
+    app = create_app(settings, client=refusing_client(temporal_env))
+
+    async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+        await http.post("/notify", json=ping())
+        await asyncio.sleep(0.2)
+        text = (await http.get("/metrics")).text
+
+    assert "mirrorflow_intake_backlog 1.0" in text
+    assert "mirrorflow_intake_appended_total 1.0" in text
+    assert sample(app, "mirrorflow_intake_oldest_age_seconds") >= 0.2
+    assert sample(app, "mirrorflow_intake_forward_failures_total") >= 1
+
+
+async def test_intake_log_belongs_to_one_process(tmp_path: Path) -> None:
+    path = tmp_path / "intake.db"
+    first = IntakeLog(path, max_rows=10, max_bytes=10_000, metrics=WebhookMetrics())
+    second = IntakeLog(path, max_rows=10, max_bytes=10_000, metrics=WebhookMetrics())
+    await first.open()
+    try:
+        with pytest.raises(IntakeError) as caught:
+            await second.open()
+    finally:
+        await first.close()
+
+    assert "is in use by another process" in str(caught.value)
+    assert "MIRRORFLOW_INTAKE_PATH" in str(caught.value)
+
+
+@pytest.mark.slow
+async def test_intake_acknowledges_while_temporal_is_stopped(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Pings keep getting 200 while Temporal is down; each ends as one run."""
+    server = DevServer(tmp_path / "temporal.db")
+    await server.start()
+    client = await server.connect()
+    app = create_app(settings, client=client)
+    statuses: list[int] = []
+    acknowledged: set[str] = set()
+
+    async def stream(http: httpx.AsyncClient, until: float) -> None:
+        while time.monotonic() < until:
+            response = await http.post("/notify", json=ping())
+            statuses.append(response.status_code)
+            if response.status_code == 200:
+                acknowledged.add(response.json()["workflow_id"])
+            await asyncio.sleep(0.02)
+
+    try:
+        async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+            senders = asyncio.gather(
+                *(stream(http, time.monotonic() + 9) for _ in range(4))
+            )
+            await asyncio.sleep(1.5)
+            await server.stop()
+            await asyncio.sleep(4)
+            during = (await http.get("/readyz")).json()
+            await server.start()
+            await senders
+            ready = await drained(http, within=40)
+        runs = await runs_once_visible(
+            client, settings.temporal_task_queue, acknowledged
+        )
+    finally:
+        await server.stop()
+
+    assert set(statuses) == {200}
+    assert during["status"] == "ready"
+    assert during["temporal"] != "serving"
+    assert during["intake"]["backlog"] > 0
+    assert ready["intake"]["backlog"] == 0
+    assert runs == dict.fromkeys(acknowledged, 1)
+
+
+def _environment(**variables: str) -> dict[str, str]:
+    kept = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORFLOW_")}
+    settings = {f"MIRRORFLOW_{name.upper()}": v for name, v in variables.items()}
+
+    return {**kept, "MIRRORFLOW_LOG_FORMAT": "json", **settings}
+
+
+class WebhookProcess:
+    """``mirrorflow webhook`` as a child process that a test may SIGKILL."""
+
+    def __init__(self, cwd: Path, env: dict[str, str]) -> None:
+        self.cwd = cwd
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Start the webhook and wait until it answers."""
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mirrorflow",
+            "webhook",
+            "--host=127.0.0.1",
+            f"--port={self.port}",
+            cwd=self.cwd,
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        async with httpx.AsyncClient(base_url=self.url) as http:
+            while True:
+                try:
+                    await http.get("/healthz")
+                except httpx.TransportError:
+                    assert self.process.returncode is None, "the webhook exited"
+                    assert time.monotonic() < deadline, "the webhook never answered"
+                    await asyncio.sleep(0.05)
+                else:
+                    return
+
+    async def kill(self) -> None:
+        """SIGKILL the webhook and wait until it is gone."""
+        assert self.process is not None
+        self.process.kill()
+        await asyncio.wait_for(self.process.wait(), 10)
+
+    async def terminate(self) -> int:
+        """SIGTERM the webhook; return its exit code."""
+        assert self.process is not None
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+
+        return await asyncio.wait_for(self.process.wait(), 15)
+
+
+async def _send_until_gone(url: str, acknowledged: set[str], limit: int) -> int:
+    """Post pings until the webhook goes away; return how many were answered."""
+    answered = 0
+    async with httpx.AsyncClient(base_url=url, timeout=5) as http:
+        for _ in range(limit):
+            try:
+                response = await http.post("/notify", json=ping())
+            except httpx.TransportError:
+                break
+            answered += 1
+            assert response.status_code == 200, response.text
+            acknowledged.add(response.json()["workflow_id"])
+
+    return answered
+
+
+@pytest.mark.slow
+async def test_intake_keeps_every_acknowledged_ping_across_sigkills(
+    tmp_path: Path, temporal_env: WorkflowEnvironment, task_queue: str
+) -> None:
+    """SIGKILL the webhook mid-stream, again and again: no 200 is ever lost."""
+    seed = random.randrange(2**32)
+    chooser = random.Random(seed)
+    env = _environment(
+        temporal_address=temporal_env.client.service_client.config.target_host,
+        temporal_task_queue=task_queue,
+        intake="log",
+        intake_path=str(tmp_path / "intake.db"),
+        check_sender="false",
+    )
+    acknowledged: set[str] = set()
+
+    for _ in range(4):
+        webhook = WebhookProcess(tmp_path, env)
+        await webhook.start()
+        senders = asyncio.gather(
+            *(_send_until_gone(webhook.url, acknowledged, 5_000) for _ in range(16))
+        )
+        await asyncio.sleep(chooser.uniform(0.1, 1.2))
+        await webhook.kill()
+        await senders
+
+    webhook = WebhookProcess(tmp_path, env)
+    await webhook.start()
+    try:
+        async with httpx.AsyncClient(base_url=webhook.url) as http:
+            ready = await drained(http)
+    finally:
+        await webhook.terminate()
+
+    runs = await runs_once_visible(temporal_env.client, task_queue, acknowledged)
+    assert len(acknowledged) > 100, f"seed {seed}"
+    assert ready["intake"]["backlog"] == 0, f"seed {seed}"
+    assert acknowledged - runs.keys() == set(), f"seed {seed}"
+    assert max(runs.values()) == 1, f"seed {seed}"
