@@ -275,6 +275,39 @@ def build_mirror(
     return service
 
 
+@functools.cache
+def shared_resource(root_url: str, *path: str) -> Resource:
+    """Return one Mirror v1 resource, such as ``("timeline", "attachments")``.
+
+    Built once per process and shared by every thread: the client library
+    rebuilds a resource's methods and their docstrings each time one is
+    reached from a client (about a millisecond per activity). The resource
+    holds no credentials; send each request as a user with
+    ``request.execute(http=user_http(credentials))``, as the library's
+    thread-safety guide recommends.
+    """
+    root = root_url if root_url.endswith("/") else root_url + "/"
+    document = {**discovery_document(), "rootUrl": root}
+    resource: Resource = build_from_document(document, http=httplib2.Http())
+    for name in path:
+        resource = getattr(resource, name)()
+
+    return resource
+
+
+def user_http(
+    credentials: Credentials, *, timeout: float = 30.0
+) -> google_auth_httplib2.AuthorizedHttp:
+    """Return an HTTP client that sends requests as the credentials' user.
+
+    Like :func:`build_mirror`'s: one attempt per request on a fresh
+    connection; close it when done.
+    """
+    return google_auth_httplib2.AuthorizedHttp(
+        credentials, http=OneAttemptHttp(timeout=timeout)
+    )
+
+
 class Content:
     """An attachment's content as it streams in, with the answer's metadata."""
 

@@ -94,8 +94,8 @@ class NotificationActivities:
         """Fetch a timeline item as its user; a missing item counts as deleted."""
         with self._as_user(ref.user_token) as credentials:
             try:
-                with self._service(credentials) as service:
-                    item = service.timeline().get(id=ref.item_id).execute()
+                request = self._mirror("timeline").get(id=ref.item_id)
+                item = self._execute(credentials, request)
             except mirror.HttpError as exc:
                 if mirror.classify(exc) is Failure.GONE:
                     return Item(item_id=ref.item_id, is_deleted=True)
@@ -110,14 +110,11 @@ class NotificationActivities:
     @activity.defn(name="fetch_attachment")
     def fetch_attachment(self, ref: AttachmentRef) -> Attachment:
         """Fetch an attachment's metadata once its content is ready."""
-        with (
-            self._as_user(ref.user_token) as credentials,
-            self._service(credentials) as service,
-        ):
-            attachments = service.timeline().attachments()
-            found = attachments.get(
+        with self._as_user(ref.user_token) as credentials:
+            request = self._mirror("timeline", "attachments").get(
                 itemId=ref.item_id, attachmentId=ref.attachment_id
-            ).execute()
+            )
+            found = self._execute(credentials, request)
 
         if found.get("isProcessingContent") or not found.get("contentUrl"):
             raise self._still_processing(ref)
@@ -204,8 +201,8 @@ class NotificationActivities:
         """Fetch a location as its user and store it as JSON."""
         with self._as_user(ref.user_token) as credentials:
             try:
-                with self._service(credentials) as service:
-                    location = service.locations().get(id=ref.location_id).execute()
+                request = self._mirror("locations").get(id=ref.location_id)
+                location = self._execute(credentials, request)
             except mirror.HttpError as exc:
                 if mirror.classify(exc) is Failure.GONE:
                     return None
@@ -296,10 +293,16 @@ class NotificationActivities:
                 refreshed = credentials.to_json()  # type: ignore[no-untyped-call]
                 self.subscribers.save_credentials(user_token, json.loads(refreshed))
 
-    def _service(self, credentials: Credentials) -> Any:
-        return mirror.build_mirror(
-            credentials, root_url=self.mirror_root_url, timeout=self.mirror_timeout
-        )
+    def _mirror(self, *path: str) -> Any:
+        return mirror.shared_resource(self.mirror_root_url, *path)
+
+    def _execute(self, credentials: Credentials, request: Any) -> Any:
+        """Send a Mirror request as the credentials' user, on a fresh connection."""
+        http = mirror.user_http(credentials, timeout=self.mirror_timeout)
+        try:
+            return request.execute(http=http)
+        finally:
+            http.close()
 
 
 def mirror_failure(error: Exception, user_token: str) -> ApplicationError:
