@@ -200,7 +200,7 @@ def report(results: dict[str, Any]) -> str:
                 capacity["max_ms"],
             ],
             [
-                f"overload ({got['seconds']:.0f} s)",
+                f"overload ({results['options']['seconds']:g} s)",
                 results["offered_per_second"],
                 got["per_second"],
                 ratio(got["per_second"], capacity["per_second"]),

@@ -126,8 +126,6 @@ def _parse(frame: str) -> tuple[str, str]:
         if at != -1 and "site-packages" not in file:
             file = file[at + 1 :]
             break
-    if file.endswith("/worker.py") and "site-packages" not in file:
-        file = "worker.py"
 
     return matched["function"], file
 
