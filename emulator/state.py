@@ -226,18 +226,24 @@ class Emulator:
     def revoke(self, user: User) -> None:
         """Revoke the user's grant: the refresh token and every access token."""
         user.revoked = True
-        self._drop_access_tokens(user)
+        self.expire_tokens(user)
 
     def expire_tokens(self, user: User) -> int:
-        """Make the user's access tokens expire now; return how many there were."""
-        return self._drop_access_tokens(user)
+        """Make the user's live access tokens expire now; return how many there were.
 
-    def _drop_access_tokens(self, user: User) -> int:
-        tokens = [t for t, a in self._access_tokens.items() if a.user_id == user.id]
-        for token in tokens:
-            del self._access_tokens[token]
+        The tokens stay known, so a call that still carries one is recorded
+        under its user.
+        """
+        clock = time.monotonic()
+        live = [
+            access
+            for access in self._access_tokens.values()
+            if access.user_id == user.id and access.expires_at > clock
+        ]
+        for access in live:
+            access.expires_at = clock
 
-        return len(tokens)
+        return len(live)
 
     # Timeline
 
