@@ -159,10 +159,13 @@ async def test_worker_serves_sdk_metrics_for_prometheus(
         text = ""
         deadline = time.monotonic() + 30
         async with httpx.AsyncClient() as http:
-            while "temporal_" not in text:
-                assert time.monotonic() < deadline, "the worker served no metrics"
+            # Client metrics come first; the task queue's once the worker polls.
+            while f'task_queue="{task_queue}"' not in text:
+                assert time.monotonic() < deadline, (
+                    f"the worker served no metrics of its task queue:\n{text}"
+                )
                 await asyncio.sleep(0.2)
                 with contextlib.suppress(httpx.HTTPError):
                     text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
 
-    assert f'task_queue="{task_queue}"' in text
+    assert "temporal_worker_task_slots_available" in text
