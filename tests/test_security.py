@@ -686,16 +686,20 @@ async def stall(url: str, body: bytes) -> None:
         await writer.wait_closed()
 
 
-async def timed_get(http: httpx.AsyncClient, count: int) -> float:
-    """Return the slowest of ``count`` health checks made one after another."""
-    slowest = 0.0
-    for _ in range(count):
-        began = time.perf_counter()
+async def health_checks_during(
+    http: httpx.AsyncClient, busy: asyncio.Future[Any]
+) -> int:
+    """Check /healthz one call after another until ``busy`` is done.
+
+    Return how many checks were answered while it was still running.
+    """
+    answered = 0
+    while not busy.done():
         (await http.get("/healthz")).raise_for_status()
-        slowest = max(slowest, time.perf_counter() - began)
+        answered += not busy.done()
         await asyncio.sleep(0.02)
 
-    return slowest
+    return answered
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
@@ -729,7 +733,6 @@ async def test_webhook_fuzz_answers_every_request_without_failing(
     half = FUZZ_CASES // 2
     genuine = _json(cases.notification())
     log = tmp_path / "webhook.log"
-    began = time.monotonic()
 
     async with (
         webhook_process(env, log) as (process, url),
@@ -744,12 +747,11 @@ async def test_webhook_fuzz_answers_every_request_without_failing(
             *(trickle(url, genuine, piece=8, pause=0.05, whole=True) for _ in range(5)),
             *(stall(url, genuine) for _ in range(10)),
         )
-        slowest = await timed_get(http, 30)
+        served = await health_checks_during(http, slow)
         trickled = await slow
         after = memory(process.pid)
         metrics = (await http.get("/metrics")).text
         crashed = process.returncode is not None
-    elapsed = time.monotonic() - began
 
     suite_secrets.observe("the fuzzed webhook's log", log.read_bytes())
     suite_secrets.observe("the fuzzed webhook's /metrics", metrics)
@@ -763,10 +765,10 @@ async def test_webhook_fuzz_answers_every_request_without_failing(
     query = f'TaskQueue="{task_queue}"'
     assert unexpected == [], "\n".join(map(str, unexpected))
     assert not crashed
-    assert elapsed < 90
     assert all(status is None or status < 500 for status in raw), raw
     assert trickled == [200] * 25 + [None] * 10
-    assert slowest < 1.0
+    # Slow senders hold connections for a second or more; others are served.
+    assert served >= 5
     assert started(metrics) == len(accepted)
     assert await count_runs(temporal_env.client, query, len(accepted)) == len(accepted)
     assert after["VmRSS"] - before["VmRSS"] < 8 << 20
