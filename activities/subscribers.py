@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Mapping
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mirrorflow.errors import SubscriberError, UnknownSubscriber
+from mirrorflow.files import create_owner_only
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS subscribers (
@@ -72,12 +72,9 @@ class SubscriberStore:
         return f"SubscriberStore({str(self.path)!r})"
 
     def _create(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Create the file owner-only before SQLite opens it, so no other user
-        # can ever read the credentials it will hold.
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600)
-        os.close(fd)
-        os.chmod(self.path, 0o600)
+        # Owner-only before SQLite opens it, so no other user can ever read
+        # the credentials it will hold.
+        create_owner_only(self.path)
 
         with self._connect() as db:
             db.execute("PRAGMA journal_mode=WAL")

@@ -48,6 +48,8 @@ from tests.fixtures.secrets import SecretRegistry
 from tests.fixtures.servers import free_port, serving
 from tests.test_webhook import count_runs
 from webhook.app import create_app
+from webhook.intake import IntakeLog
+from webhook.metrics import WebhookMetrics
 from webhook.notifications import MAX_BODY_BYTES, parse_notification
 from webhook.senders import SenderCheck, Verdict
 from workflows.models import (
@@ -281,6 +283,27 @@ def test_subscribers_database_and_its_journal_are_owner_only(tmp_path: Path) -> 
         "subscribers.db-shm": 0o600,
         "subscribers.db-wal": 0o600,
     }
+
+
+async def test_intake_log_and_its_journal_are_owner_only(tmp_path: Path) -> None:
+    """The intake log names users and their items; only its owner reads it."""
+    path = tmp_path / "data" / "intake.db"
+    intake = IntakeLog(path, max_rows=10, max_bytes=10_000, metrics=WebhookMetrics())
+
+    with permissive_umask():
+        await intake.open()
+        try:
+            notification = parse_notification(json.dumps(test_webhook.ping()).encode())
+            await intake.append(notification, workflow_id_for(notification))
+            modes = {file.name: _mode(file) for file in path.parent.iterdir()}
+        finally:
+            await intake.close()
+
+    assert {name: modes[name] for name in ("intake.db", "intake.db-wal")} == {
+        "intake.db": 0o600,
+        "intake.db-wal": 0o600,
+    }
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
 
 
 def test_dev_demo_credentials_file_is_owner_only(

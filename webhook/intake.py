@@ -34,6 +34,7 @@ from typing import IO, Any, TypeVar
 
 import structlog
 
+from mirrorflow.files import create_owner_only
 from webhook.metrics import WebhookMetrics
 from workflows.models import Notification
 
@@ -295,8 +296,10 @@ class IntakeLog:
     # What follows runs on the log's thread only.
 
     def _open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = self.path.with_name(self.path.name + ".lock").open("wb")
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        for path in (self.path, lock_path):
+            create_owner_only(path)
+        lock = lock_path.open("ab")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
