@@ -56,11 +56,15 @@ async def connect(
     *,
     runtime: Runtime | None = None,
     retry_config: RetryConfig | None = None,
+    lazy: bool = False,
 ) -> Client:
     """Return a client for the configured Temporal, with mirrorflow's converter.
 
     ``retry_config`` bounds the client's own retries of failed RPCs; the
-    webhook keeps them within its answer deadline.
+    webhook keeps them within its answer deadline. A ``lazy`` client returns
+    at once and connects at its first call, so a process that can work
+    without Temporal for a while (the webhook with its intake log) starts
+    while Temporal is down.
 
     Raises:
         TemporalUnavailable: Temporal did not answer within
@@ -79,6 +83,7 @@ async def connect(
                 connect_timeout=timedelta(seconds=timeout),
                 runtime=runtime,
                 retry_config=retry_config,
+                lazy=lazy,
             ),
             timeout=timeout,
         )

@@ -258,6 +258,34 @@ async def test_intake_acknowledges_while_temporal_is_stopped(
     assert runs == dict.fromkeys(acknowledged, 1)
 
 
+async def test_intake_webhook_starts_while_temporal_is_down(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A webhook started before Temporal acknowledges, and forwards once it is up."""
+    server = DevServer(tmp_path / "temporal.db")
+    app = create_app(settings.model_copy(update={"temporal_address": server.address}))
+
+    try:
+        async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+            answers = [await http.post("/notify", json=ping()) for _ in range(5)]
+            before = (await http.get("/readyz")).json()
+            await server.start()
+            ready = await drained(http, within=40)
+        acknowledged = {answer.json()["workflow_id"] for answer in answers}
+        runs = await runs_once_visible(
+            await server.connect(), settings.temporal_task_queue, acknowledged
+        )
+    finally:
+        await server.stop()
+
+    assert [answer.status_code for answer in answers] == [200] * 5
+    assert before["status"] == "ready"
+    assert before["temporal"] != "serving"
+    assert before["intake"]["backlog"] == 5
+    assert ready["intake"]["backlog"] == 0
+    assert runs == dict.fromkeys(acknowledged, 1)
+
+
 def _environment(**variables: str) -> dict[str, str]:
     kept = {k: v for k, v in os.environ.items() if not k.startswith("MIRRORFLOW_")}
     settings = {f"MIRRORFLOW_{name.upper()}": v for name, v in variables.items()}

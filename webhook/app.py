@@ -136,13 +136,17 @@ class Webhook:
         app stops; then commit what is pending and close it.
 
         Raises:
-            TemporalUnavailable: Temporal could not be reached in time; the
-                server does not start.
+            TemporalUnavailable: Temporal could not be reached in time (direct
+                path only); the server does not start.
             IntakeError: the intake log is held by another process.
         """
         if self.client is None:
+            # The intake log takes notifications while Temporal is down, so
+            # the webhook that has one starts without waiting for Temporal.
             self.client = await connect(
-                self.settings, retry_config=_retries(self.settings)
+                self.settings,
+                retry_config=_retries(self.settings),
+                lazy=self.intake is not None,
             )
         if self.intake is not None:
             await self.intake.open()
@@ -387,6 +391,9 @@ class Webhook:
             return f"no answer from Temporal within {READINESS_TIMEOUT:g} s"
         except RPCError as exc:
             return f"{exc.status.name}: {exc.message}"
+        except RuntimeError as exc:
+            # A lazy client that has not connected yet fails this way.
+            return f"cannot connect to Temporal: {exc}"
         if not serving:
             return "Temporal's workflow service is not serving"
 
