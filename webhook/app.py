@@ -41,6 +41,7 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.runtime import Runtime
 from temporalio.service import RetryConfig, RPCError
 
 from activities.subscribers import SubscriberStore
@@ -141,13 +142,7 @@ class Webhook:
             IntakeError: the intake log is held by another process.
         """
         if self.client is None:
-            # The intake log takes notifications while Temporal is down, so
-            # the webhook that has one starts without waiting for Temporal.
-            self.client = await connect(
-                self.settings,
-                retry_config=_retries(self.settings),
-                lazy=self.intake is not None,
-            )
+            self.client = await _connect(self.settings)
         if self.intake is not None:
             await self.intake.open()
             self.forwarder = Forwarder(
@@ -441,20 +436,33 @@ def create_app(
     return app
 
 
+async def _connect(settings: Settings, runtime: Runtime | None = None) -> Client:
+    """Return the webhook's Temporal client.
+
+    The intake log takes notifications while Temporal is down, so a webhook
+    with one connects lazily, at its first call, rather than waiting.
+    """
+    return await connect(
+        settings,
+        runtime=runtime,
+        retry_config=_retries(settings),
+        lazy=settings.intake == "log",
+    )
+
+
 async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:
     """Serve the webhook on ``host:port`` until the process is told to stop.
 
-    Temporal is connected to before the server starts listening, so that an
-    unreachable Temporal stops the process with one clear error. Logging is
-    left as it is; :func:`serve` configures it first.
+    On the direct path Temporal is connected to before the server starts
+    listening, so that an unreachable Temporal stops the process with one
+    clear error; with the intake log the server starts regardless. Logging
+    is left as it is; :func:`serve` configures it first.
 
     Raises:
         TemporalUnavailable: Temporal could not be reached at startup.
     """
     try:
-        client = await connect(
-            settings, runtime=process_runtime(), retry_config=_retries(settings)
-        )
+        client = await _connect(settings, runtime=process_runtime())
     except TemporalUnavailable as exc:
         log.error("webhook_startup_failed", error=str(exc))
         raise

@@ -1,0 +1,345 @@
+"""Measure the intake log: the ack path with the log on and off, and an outage.
+
+    python -m bench.intake [--seconds 10] [--outage 60] [--on-disk]
+
+In one run, on one Temporal dev server:
+
+1. the bare Starlette app (:mod:`bench.apps`), the webhook with
+   ``MIRRORFLOW_INTAKE=direct`` and the webhook with ``MIRRORFLOW_INTAKE=log``,
+   each under wrk at 64 connections (every request a fresh item), then
+   offered 1,000 notifications per second open loop;
+2. the webhook with the log, offered ten times the direct webhook's rate of
+   200s measured in step 1 (ten times what Temporal takes from one webhook);
+3. the webhook with the log against a Temporal whose state is on disk,
+   offered 100 notifications per second while Temporal is stopped for
+   ``--outage`` seconds and started again.
+
+After steps 1-3 the log is drained (``/readyz`` reports the backlog), then
+every workflow on the run's task queue is listed: each notification answered
+200 must have exactly one run. No worker runs. Needs wrk.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+from temporalio.client import Client
+
+from bench import load
+from bench.harness import (
+    HOST,
+    Child,
+    Children,
+    add_bench_subscriber,
+    free_port,
+    mirrorflow_env,
+    notification_body,
+    raise_file_limit,
+    results_folder,
+    run_async,
+    start_temporal,
+    start_webhook,
+    temporal_cli,
+)
+from mirrorflow.settings import load_settings
+from mirrorflow.temporal import connect
+from webhook.notifications import parse_notification
+from workflows.models import SEARCH_ATTRIBUTES, workflow_id_for
+
+
+def parse_options() -> argparse.Namespace:
+    """Return the command line's options."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--outage", type=float, default=60.0)
+    parser.add_argument("--on-disk", action="store_true")
+
+    return parser.parse_args()
+
+
+def workflow_id(item_id: str) -> str:
+    """Return the workflow id the webhook gives a bench notification."""
+    return workflow_id_for(parse_notification(notification_body(item_id)))
+
+
+async def offer(url: str, prefix: str, rate: float, seconds: float) -> dict[str, Any]:
+    """Offer fresh notifications open loop; return the summary and acked items."""
+
+    def bodies(number: int) -> tuple[bytes, str]:
+        item_id = f"{prefix}-{number}"
+        return notification_body(item_id), item_id
+
+    answers, elapsed = await load.offer(
+        url + "/notify", bodies, rate=rate, seconds=seconds, max_in_flight=20_000
+    )
+    summary = load.summarize(answers, elapsed).as_dict()
+    summary["offered_per_second"] = rate
+    summary["acked"] = [a.tag for a in answers if a.status == 200]
+
+    return summary
+
+
+async def drain(url: str, within: float = 600) -> dict[str, Any]:
+    """Wait until the webhook's intake log is empty; return the readiness body."""
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        while True:
+            body: dict[str, Any] = (await http.get("/readyz")).json()
+            if body["intake"]["backlog"] == 0 or time.monotonic() > deadline:
+                return body
+            await asyncio.sleep(0.5)
+
+
+async def runs_per_id(client: Client, task_queue: str) -> collections.Counter[str]:
+    """Return how many runs each workflow id has on a task queue."""
+    query = f'TaskQueue="{task_queue}"'
+
+    return collections.Counter([r.id async for r in client.list_workflows(query)])
+
+
+async def check_once(
+    client: Client, task_queue: str, acked_items: list[str]
+) -> dict[str, int]:
+    """Count acknowledged notifications without a run, or with more than one."""
+    expected = {workflow_id(item) for item in acked_items}
+    deadline = time.monotonic() + 60
+    while True:
+        runs = await runs_per_id(client, task_queue)
+        if expected <= runs.keys() or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(1)
+
+    return {
+        "acknowledged": len(expected),
+        "acknowledged_without_run": len(expected - runs.keys()),
+        "ids_with_more_than_one_run": sum(1 for n in runs.values() if n > 1),
+    }
+
+
+def wrk(url: str, seconds: float) -> dict[str, Any]:
+    """Load an app with wrk at 64 connections after a short warm-up."""
+    run_id = uuid.uuid4().hex[:8]
+    load.run_wrk(url + "/notify", run_id=run_id + "-warm", connections=8, seconds=2)
+    summary = load.run_wrk(
+        url + "/notify", run_id=run_id, connections=64, seconds=seconds
+    )
+
+    return summary.as_dict()
+
+
+async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Steps 1 and 2: bare, direct and log under wrk, 1,000/s and overload."""
+    results: dict[str, Any] = {}
+    with Children(folder) as children:
+        temporal = await start_temporal(children, on_disk=options.on_disk)
+        database = folder / "subscribers.db"
+        add_bench_subscriber(database)
+
+        port = free_port()
+        bare = children.spawn(
+            "bare",
+            [sys.executable, "-m", "bench.apps", "--host", HOST, "--port", str(port)],
+        )
+        bare_url = f"http://{HOST}:{port}"
+        await _wait_until(lambda: _accepts(port), 30)
+        results["bare"] = {
+            "wrk": await asyncio.to_thread(wrk, bare_url, options.seconds),
+            "rate": await offer(bare_url, "bare", options.rate, options.seconds),
+        }
+        children.stop(bare)
+
+        for mode in ("direct", "log"):
+            task_queue = f"bench-intake-{mode}-{uuid.uuid4().hex[:8]}"
+            env = mirrorflow_env(
+                temporal_address=temporal.address,
+                temporal_task_queue=task_queue,
+                database_url=f"sqlite:///{database}",
+                intake=mode,
+                intake_path=str(folder / f"intake-{uuid.uuid4().hex[:8]}.db"),
+            )
+            webhook, url = await start_webhook(children, env, name=f"webhook-{mode}")
+            result: dict[str, Any] = {
+                "wrk": await asyncio.to_thread(wrk, url, options.seconds)
+            }
+            prefix = uuid.uuid4().hex[:8]
+            result["rate"] = await offer(url, prefix, options.rate, options.seconds)
+            acked = list(result["rate"]["acked"])
+            if mode == "log":
+                factor_rate = 10 * results["direct"]["wrk"]["per_second"]
+                result["overload"] = await offer(
+                    url, prefix + "-over", factor_rate, options.seconds
+                )
+                acked += result["overload"]["acked"]
+                began = time.monotonic()
+                result["drained"] = await drain(url)
+                result["drain_seconds"] = round(time.monotonic() - began, 1)
+            result["check"] = await check_once(temporal.client, task_queue, acked)
+            webhook.check_alive()
+            children.stop(webhook)
+            results[mode] = result
+
+    return results
+
+
+async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Step 3: a steady stream while Temporal is stopped, then started again."""
+    with Children(folder) as children:
+        port = free_port()
+        database = folder / f"temporal-outage-{uuid.uuid4().hex[:8]}.db"
+        server = _spawn_temporal(children, port, database)
+        await _wait_until(lambda: _accepts(port), 60)
+        address = f"{HOST}:{port}"
+        client = await connect(
+            load_settings(temporal_address=address, temporal_connect_timeout=30)
+        )
+        subscribers = folder / "subscribers.db"
+        add_bench_subscriber(subscribers)
+        task_queue = f"bench-intake-outage-{uuid.uuid4().hex[:8]}"
+        env = mirrorflow_env(
+            temporal_address=address,
+            temporal_task_queue=task_queue,
+            database_url=f"sqlite:///{subscribers}",
+            intake="log",
+            intake_path=str(folder / f"intake-{uuid.uuid4().hex[:8]}.db"),
+        )
+        webhook, url = await start_webhook(children, env, name="webhook-outage")
+
+        seconds = options.outage + 20
+        stream = asyncio.create_task(offer(url, uuid.uuid4().hex[:8], 100, seconds))
+        await asyncio.sleep(10)
+        children.stop(server)
+        await asyncio.sleep(options.outage)
+        server = _spawn_temporal(children, port, database)
+        await _wait_until(lambda: _accepts(port), 60)
+        streamed = await stream
+        began = time.monotonic()
+        drained = await drain(url)
+        drain_seconds = round(time.monotonic() - began, 1)
+        check = await check_once(client, task_queue, streamed["acked"])
+        webhook.check_alive()
+
+    return {
+        "stream": streamed,
+        "drained": drained,
+        "drain_seconds": drain_seconds,
+        "check": check,
+    }
+
+
+def _spawn_temporal(children: Children, port: int, database: Path) -> Child:
+    command = [
+        temporal_cli(),
+        "server",
+        "start-dev",
+        "--headless",
+        "--ip",
+        HOST,
+        "--port",
+        str(port),
+        "--ui-port",
+        str(free_port()),
+        "--log-level",
+        "warn",
+        "--db-filename",
+        str(database),
+        "--sqlite-pragma",
+        "journal_mode=wal",
+        "--sqlite-pragma",
+        "synchronous=normal",
+    ]
+    for key in SEARCH_ATTRIBUTES:
+        command += ["--search-attribute", f"{key.name}=Keyword"]
+
+    return children.spawn("temporal", command)
+
+
+def _accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((HOST, port)) == 0
+
+
+async def _wait_until(condition: Any, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("gave up waiting")
+        await asyncio.sleep(0.1)
+
+
+def report(results: dict[str, Any]) -> str:
+    """Return the results as a short Markdown summary."""
+    bare = results["steady"]["bare"]
+    lines = [
+        "| app | wrk 64 conns: 200/s | p99 ms | ratio to bare | "
+        "1,000/s offered: p99 ms | non-200 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name in ("bare", "direct", "log"):
+        run = results["steady"][name]
+        lines.append(
+            f"| {name} | {run['wrk']['per_second']} | {run['wrk']['p99_ms']} | "
+            f"{run['wrk']['per_second'] / bare['wrk']['per_second']:.2f} | "
+            f"{run['rate']['p99_ms']} | {run['rate']['errors']} |"
+        )
+    log_run = results["steady"]["log"]
+    over = log_run["overload"]
+    lines += [
+        "",
+        f"Overload (log): {over['offered_per_second']:.0f}/s offered "
+        f"(10x direct), p99 {over['p99_ms']} ms, statuses {over['statuses']}; "
+        f"drained in {log_run['drain_seconds']} s; check {log_run['check']}.",
+    ]
+    if "outage" in results:
+        outage = results["outage"]
+        stream = outage["stream"]
+        lines.append(
+            f"Outage: statuses {stream['statuses']}, p99 {stream['p99_ms']} ms; "
+            f"drained in {outage['drain_seconds']} s; check {outage['check']}."
+        )
+
+    return "\n".join(lines)
+
+
+async def run(options: argparse.Namespace) -> dict[str, Any]:
+    """Run every step; return the results."""
+    raise_file_limit()
+    with results_folder("intake") as folder:
+        results = {"steady": await steady_state(options, folder)}
+        if options.outage > 0:
+            results["outage"] = await outage(options, folder)
+
+    return results
+
+
+def main() -> None:
+    """Run the benchmark and print its summary and JSON."""
+    options = parse_options()
+    results = run_async(run(options))
+    for step in (
+        results["steady"]["bare"]["rate"],
+        results["steady"]["direct"]["rate"],
+        results["steady"]["log"]["rate"],
+        results["steady"]["log"]["overload"],
+        results.get("outage", {}).get("stream", {}),
+    ):
+        step.pop("acked", None)
+    text = report(results)
+    print(text)
+    out = Path(__file__).parent / "results" / "intake.json"
+    out.write_text(json.dumps({**results, "table": text}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
