@@ -150,6 +150,12 @@ class Child:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signal.SIGKILL)
 
+    def kill(self) -> None:
+        """SIGKILL the child's process group at once and reap it."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait()
+
 
 @dataclass
 class Children:
@@ -257,17 +263,28 @@ class Temporal:
     child: Child
     address: str
     client: Client
+    database: Path | None = None
+    """The SQLite file holding its state; None when in memory."""
 
 
-async def start_temporal(children: Children, *, on_disk: bool = False) -> Temporal:
+async def start_temporal(
+    children: Children,
+    *,
+    on_disk: bool = False,
+    port: int | None = None,
+    database: Path | None = None,
+) -> Temporal:
     """Start a dev server with mirrorflow's search attributes; return a client.
 
     Args:
         children: where the server process is registered.
         on_disk: keep state in a SQLite file with the WAL pragmas, as
             ``mirrorflow dev`` does, rather than in memory.
+        port: the frontend port; a free one if None. Give the port and the
+            ``database`` of a server stopped before to start it again.
+        database: the SQLite file when ``on_disk``; a new one if None.
     """
-    port, ui_port = free_port(), free_port()
+    port = port or free_port()
     command = [
         temporal_cli(),
         "server",
@@ -278,12 +295,12 @@ async def start_temporal(children: Children, *, on_disk: bool = False) -> Tempor
         "--port",
         str(port),
         "--ui-port",
-        str(ui_port),
+        str(free_port()),
         "--log-level",
         "warn",
     ]
     if on_disk:
-        database = children.folder / f"temporal-{uuid.uuid4().hex[:8]}.db"
+        database = database or children.folder / f"temporal-{uuid.uuid4().hex[:8]}.db"
         command += ["--db-filename", str(database)]
         command += ["--sqlite-pragma", "journal_mode=wal"]
         command += ["--sqlite-pragma", "synchronous=normal"]
@@ -297,7 +314,7 @@ async def start_temporal(children: Children, *, on_disk: bool = False) -> Tempor
         load_settings(temporal_address=address, temporal_connect_timeout=30)
     )
 
-    return Temporal(child=child, address=address, client=client)
+    return Temporal(child=child, address=address, client=client, database=database)
 
 
 def add_bench_subscriber(database: Path, user_token: str = BENCH_USER) -> None:
@@ -348,10 +365,14 @@ def mirrorflow_env(**settings: str) -> dict[str, str]:
 
 
 async def start_webhook(
-    children: Children, env: Mapping[str, str], *, name: str = "webhook"
+    children: Children,
+    env: Mapping[str, str],
+    *,
+    name: str = "webhook",
+    port: int | None = None,
 ) -> tuple[Child, str]:
-    """Start ``mirrorflow webhook`` on a free port; return it and its base URL."""
-    port = free_port()
+    """Start ``mirrorflow webhook`` (on a free port if None); return it and its URL."""
+    port = port or free_port()
     command = [sys.executable, "-m", "mirrorflow", "webhook"]
     child = children.spawn(name, [*command, "--host", HOST, "--port", str(port)], env)
     url = f"http://{HOST}:{port}"

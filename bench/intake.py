@@ -38,7 +38,6 @@ from temporalio.client import Client
 from bench import load
 from bench.harness import (
     HOST,
-    Child,
     Children,
     add_bench_subscriber,
     free_port,
@@ -49,12 +48,9 @@ from bench.harness import (
     run_async,
     start_temporal,
     start_webhook,
-    temporal_cli,
 )
-from mirrorflow.settings import load_settings
-from mirrorflow.temporal import connect
 from webhook.notifications import parse_notification
-from workflows.models import SEARCH_ATTRIBUTES, workflow_id_for
+from workflows.models import workflow_id_for
 
 
 def parse_options() -> argparse.Namespace:
@@ -195,14 +191,8 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
 async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
     """Step 3: a steady stream while Temporal is stopped, then started again."""
     with Children(folder) as children:
-        port = free_port()
-        database = folder / f"temporal-outage-{uuid.uuid4().hex[:8]}.db"
-        server = _spawn_temporal(children, port, database)
-        await _wait_until(lambda: _accepts(port), 60)
-        address = f"{HOST}:{port}"
-        client = await connect(
-            load_settings(temporal_address=address, temporal_connect_timeout=30)
-        )
+        temporal = await start_temporal(children, on_disk=True)
+        address = temporal.address
         subscribers = folder / "subscribers.db"
         add_bench_subscriber(subscribers)
         task_queue = f"bench-intake-outage-{uuid.uuid4().hex[:8]}"
@@ -218,15 +208,19 @@ async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
         seconds = options.outage + 20
         stream = asyncio.create_task(offer(url, uuid.uuid4().hex[:8], 100, seconds))
         await asyncio.sleep(10)
-        children.stop(server)
+        children.stop(temporal.child)
         await asyncio.sleep(options.outage)
-        server = _spawn_temporal(children, port, database)
-        await _wait_until(lambda: _accepts(port), 60)
+        temporal = await start_temporal(
+            children,
+            on_disk=True,
+            port=int(address.rsplit(":", 1)[1]),
+            database=temporal.database,
+        )
         streamed = await stream
         began = time.monotonic()
         drained = await drain(url)
         drain_seconds = round(time.monotonic() - began, 1)
-        check = await check_once(client, task_queue, streamed["acked"])
+        check = await check_once(temporal.client, task_queue, streamed["acked"])
         webhook.check_alive()
 
     return {
@@ -235,33 +229,6 @@ async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "drain_seconds": drain_seconds,
         "check": check,
     }
-
-
-def _spawn_temporal(children: Children, port: int, database: Path) -> Child:
-    command = [
-        temporal_cli(),
-        "server",
-        "start-dev",
-        "--headless",
-        "--ip",
-        HOST,
-        "--port",
-        str(port),
-        "--ui-port",
-        str(free_port()),
-        "--log-level",
-        "warn",
-        "--db-filename",
-        str(database),
-        "--sqlite-pragma",
-        "journal_mode=wal",
-        "--sqlite-pragma",
-        "synchronous=normal",
-    ]
-    for key in SEARCH_ATTRIBUTES:
-        command += ["--search-attribute", f"{key.name}=Keyword"]
-
-    return children.spawn("temporal", command)
 
 
 def _accepts(port: int) -> bool:

@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     start_deadline: PositiveFloat = 3.0
     retry_after: PositiveInt = 5
     check_sender: bool = True
+    max_starts_in_flight: PositiveInt = 100
     intake: Literal["direct", "log"] = "direct"
     intake_path: Path = Path("data/intake.db")
     intake_max_backlog: PositiveInt = 100_000

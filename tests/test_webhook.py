@@ -609,6 +609,46 @@ async def test_notify_answers_503_when_temporal_hangs(
     assert ready.status_code == 503
 
 
+async def test_notify_refuses_at_once_beyond_the_starts_in_flight(
+    settings: Settings, store: SubscriberStore, temporal_env: WorkflowEnvironment
+) -> None:
+    """With as many starts waiting as allowed, the next ping is refused unstarted."""
+    bounded = settings.model_copy(update={"max_starts_in_flight": 2})
+    async with FreezableProxy(
+        temporal_env.client.service_client.config.target_host
+    ) as proxy:
+        client = await Client.connect(
+            proxy.address, data_converter=pydantic_data_converter
+        )
+        app = create_app(bounded, client=client, subscribers=store)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://w") as http:
+            proxy.freeze()
+            waiting = [
+                asyncio.create_task(http.post("/notify", json=ping())) for _ in range(2)
+            ]
+            for _ in range(500):
+                if sample(app, "mirrorflow_webhook_starts_in_flight") == 2:
+                    break
+                await asyncio.sleep(0.01)
+            refused = await http.post("/notify", json=ping())
+            in_flight_then = sample(app, "mirrorflow_webhook_starts_in_flight")
+            first_two = await asyncio.gather(*waiting)
+
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "7"
+    assert refused.json() == {
+        "error": "The webhook already has 2 notifications waiting for Temporal; "
+        "try again later."
+    }
+    assert in_flight_then == 2
+    assert [r.json()["error"] for r in first_two] == [
+        "The notification could not be handed to Temporal within 1 s; try again later."
+    ] * 2
+    assert sample(app, "mirrorflow_webhook_rejections_total", reason="overloaded") == 1
+    assert sample(app, "mirrorflow_webhook_starts_in_flight") == 0
+
+
 async def test_notify_answers_503_when_temporal_refuses_the_start(
     settings: Settings, store: SubscriberStore, temporal_env: WorkflowEnvironment
 ) -> None:

@@ -118,6 +118,8 @@ class Webhook:
                 metrics=self.metrics,
             )
 
+        self._starts_in_flight = 0
+        self.metrics.starts_in_flight.set_function(lambda: self._starts_in_flight)
         self._rpc_timeout = timedelta(seconds=settings.start_deadline)
         self._retry_after = {"Retry-After": str(settings.retry_after)}
 
@@ -219,7 +221,20 @@ class Webhook:
 
         Returns whether Temporal started a new run (False for a duplicate).
         """
+        # Past the bound, more waiting requests only slow every answer down:
+        # refuse at once, and the starts in flight still finish in time.
+        limit = self.settings.max_starts_in_flight
+        if self._starts_in_flight >= limit:
+            raise _Refusal(
+                503,
+                "overloaded",
+                f"The webhook already has {limit} notifications waiting for "
+                "Temporal; try again later.",
+                headers=self._retry_after,
+            )
+
         deadline = self.settings.start_deadline
+        self._starts_in_flight += 1
         try:
             async with asyncio.timeout(deadline):
                 await self._check_sender(notification)
@@ -232,6 +247,8 @@ class Webhook:
                 f"{deadline:g} s; try again later.",
                 headers=self._retry_after,
             ) from None
+        finally:
+            self._starts_in_flight -= 1
 
     async def _log(
         self, notification: Notification, workflow_id: str, intake: IntakeLog

@@ -28,6 +28,7 @@ REASONS = (
     "subscribers_unavailable",
     "temporal_unavailable",
     "deadline_exceeded",
+    "overloaded",
     "client_disconnected",
     "intake_full",
     "intake_unavailable",
@@ -91,6 +92,11 @@ class WebhookMetrics:
         self.intake_forward_failures = Counter(
             "mirrorflow_intake_forward_failures",
             "Workflow starts from the intake log that Temporal did not accept.",
+            registry=self.registry,
+        )
+        self.starts_in_flight = Gauge(
+            "mirrorflow_webhook_starts_in_flight",
+            "Notifications waiting for Temporal to accept their start (direct).",
             registry=self.registry,
         )
         self.intake_backlog = Gauge(
