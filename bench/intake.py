@@ -82,6 +82,9 @@ async def offer(url: str, prefix: str, rate: float, seconds: float) -> dict[str,
     summary = load.summarize(answers, elapsed).as_dict()
     summary["offered_per_second"] = rate
     summary["acked"] = [a.tag for a in answers if a.status == 200]
+    summary["failures"] = dict(
+        collections.Counter(a.body.decode() for a in answers if a.status == 0)
+    )
 
     return summary
 
@@ -208,7 +211,8 @@ async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
         seconds = options.outage + 20
         stream = asyncio.create_task(offer(url, uuid.uuid4().hex[:8], 100, seconds))
         await asyncio.sleep(10)
-        children.stop(temporal.child)
+        # Off the event loop, so that the stream of pings goes on meanwhile.
+        await asyncio.to_thread(children.stop, temporal.child)
         await asyncio.sleep(options.outage)
         temporal = await start_temporal(
             children,

@@ -152,7 +152,7 @@ class _Client:
         return head.encode("ascii") + body
 
     async def send(self, body: bytes, *, within: float) -> tuple[int, bytes]:
-        """POST ``body``; return the status and body (status 0 on failure)."""
+        """POST ``body``; return the status and body, or 0 and the error's name."""
         connection = self._idle.pop() if self._idle else None
         try:
             async with asyncio.timeout(within):
@@ -161,10 +161,11 @@ class _Client:
                     connection = _Connection(reader, writer)
                     self._all.append(connection)
                 status, answer = await connection.post(self.request(body))
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, ValueError) as exc:
             if connection is not None:
                 connection.close()
-            return 0, b""
+            # No status: the body says what went wrong instead.
+            return 0, type(exc).__name__.encode()
 
         if connection.is_open:
             self._idle.append(connection)

@@ -1,6 +1,7 @@
 """Overload the webhook: ten times what it can start per second, for 30 s.
 
     python -m bench.overload [--quick] [--factor 10] [--seconds 30]
+        [--intake direct|log] [--max-starts-in-flight N] [--on-disk]
 
 First the webhook's own capacity is measured in the same run: 64 concurrent
 senders for a few seconds, every notification about an item of its own;
@@ -27,6 +28,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from temporalio.client import Client
 
 from bench import load
@@ -49,12 +51,14 @@ from workflows.models import workflow_id_for
 
 @dataclass(frozen=True)
 class Options:
-    """How far beyond capacity, and for how long."""
+    """How far beyond capacity, for how long, and how the webhook is set up."""
 
     factor: float
     seconds: float
     capacity_seconds: float
     on_disk: bool
+    intake: str
+    max_starts_in_flight: int | None
 
 
 def parse_options() -> Options:
@@ -68,6 +72,18 @@ def parse_options() -> Options:
         action="store_true",
         help="Temporal on SQLite with WAL, as `mirrorflow dev` runs it",
     )
+    parser.add_argument(
+        "--intake",
+        choices=("direct", "log"),
+        default="direct",
+        help="the webhook's MIRRORFLOW_INTAKE (default direct)",
+    )
+    parser.add_argument(
+        "--max-starts-in-flight",
+        type=int,
+        default=None,
+        help="the webhook's MIRRORFLOW_MAX_STARTS_IN_FLIGHT (default: its own)",
+    )
     args = parser.parse_args()
 
     return Options(
@@ -75,7 +91,20 @@ def parse_options() -> Options:
         seconds=5.0 if args.quick else args.seconds,
         capacity_seconds=3.0 if args.quick else 8.0,
         on_disk=args.on_disk,
+        intake=args.intake,
+        max_starts_in_flight=args.max_starts_in_flight,
     )
+
+
+async def wait_until_forwarded(url: str, within: float = 900) -> None:
+    """Wait until the webhook's intake log holds nothing Temporal has not taken."""
+    deadline = time.monotonic() + within
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        while time.monotonic() < deadline:
+            ready = (await http.get("/readyz")).json()
+            if ready["intake"]["backlog"] == 0:
+                return
+            await asyncio.sleep(1)
 
 
 async def started_ids(client: Client, task_queue: str) -> set[str]:
@@ -105,7 +134,11 @@ async def run(options: Options) -> dict[str, Any]:
             temporal_address=temporal.address,
             temporal_task_queue=task_queue,
             database_url=f"sqlite:///{database}",
+            intake=options.intake,
+            intake_path=str(folder / f"intake-{task_queue}.db"),
         )
+        if options.max_starts_in_flight is not None:
+            env["MIRRORFLOW_MAX_STARTS_IN_FLIGHT"] = str(options.max_starts_in_flight)
         webhook, url = await start_webhook(children, env)
         notify = url + "/notify"
         run_id = uuid.uuid4().hex[:8]
@@ -137,6 +170,8 @@ async def run(options: Options) -> dict[str, Any]:
         webhook.check_alive()
         overload = load.summarize(answers, seconds)
 
+        if options.intake == "log":
+            await wait_until_forwarded(url)
         started = await started_ids(temporal.client, task_queue)
         acked = {_workflow_id(a.tag) for a in answers if a.status == 200}
         refused = {_workflow_id(a.tag) for a in answers if a.status != 200}
@@ -227,7 +262,14 @@ def report(results: dict[str, Any]) -> str:
         f"{cpu.get('bench', 0):.0f}."
     )
 
-    return f"{head}\n\n{statuses}\n\n{check}"
+    options = results["options"]
+    setup = f"Webhook: intake {options['intake']}, max starts in flight " + (
+        "default"
+        if options["max_starts_in_flight"] is None
+        else f"{options['max_starts_in_flight']:,}"
+    )
+
+    return f"{setup}.\n\n{head}\n\n{statuses}\n\n{check}"
 
 
 def chart(results: dict[str, Any]) -> Any:

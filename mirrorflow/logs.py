@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import MutableMapping
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -38,14 +38,21 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
         else structlog.processors.JSONRenderer()
     )
 
+    # mirrorflow's own events skip the standard library: going through its
+    # records, handler and formatter cost the webhook a quarter of each
+    # request. They meet the same renderer on the same stream.
     structlog.configure(
         processors=[
             *_SHARED,
             structlog.processors.StackInfoRenderer(),
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+            _drop_color_message,
+            structlog.processors.format_exc_info,
+            renderer,
         ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        logger_factory=_LineLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level]
+        ),
         cache_logger_on_first_use=True,
     )
 
@@ -73,6 +80,40 @@ def configure_logging(level: str = "INFO", log_format: str = "auto") -> None:
     # Google's discovery client and httpx log every URL they request at INFO.
     for chatty in ("googleapiclient.discovery", "httpx"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+class _LineLogger:
+    """Write each rendered event as one line, under the name it was asked for.
+
+    The name is what ``add_logger_name`` records, as it does for the
+    standard library's loggers.
+    """
+
+    def __init__(self, name: str, stream: TextIO) -> None:
+        self.name = name
+        self._stream = stream
+
+    def __repr__(self) -> str:
+        return f"_LineLogger(name={self.name!r})"
+
+    def msg(self, message: str) -> None:
+        """Write one line and flush it, as the standard library's handler does."""
+        self._stream.write(message + "\n")
+        self._stream.flush()
+
+    debug = info = warning = error = critical = exception = fatal = msg
+
+
+class _LineLoggerFactory:
+    """Make a :class:`_LineLogger` per name, all writing to one stream."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def __call__(self, *args: Any) -> _LineLogger:
+        name = str(args[0]) if args else ""
+
+        return _LineLogger(name, self._stream)
 
 
 def _drop_color_message(

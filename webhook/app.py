@@ -20,6 +20,7 @@ decisions behind them.
 from __future__ import annotations
 
 import asyncio
+import gc
 import math
 import sqlite3
 import time
@@ -485,6 +486,11 @@ async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> 
         raise
 
     app = create_app(settings, client=client)
+    # What is loaded by now lives as long as the process. Left to the
+    # collector, every full collection walks all of it (the Temporal client,
+    # protobuf, pydantic) in the middle of some request: those pauses were
+    # the webhook's p99.
+    gc.freeze()
     config = uvicorn.Config(
         app,
         host=host,
