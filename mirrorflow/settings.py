@@ -12,7 +12,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mirrorflow.errors import SettingsError
@@ -22,6 +28,7 @@ GOOGLE_ROOT_URL = "https://www.googleapis.com/"
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class Settings(BaseSettings):
@@ -72,7 +79,7 @@ class Settings(BaseSettings):
     mirror_calls_per_second: PositiveFloat | None = None
     graceful_shutdown: PositiveFloat = 30.0
     processing_timeout: PositiveFloat = 1800.0
-    worker_metrics_port: int | None = None
+    worker_metrics_port: Port | None = None
 
     # Logging
     log_level: str = "INFO"
@@ -114,6 +121,22 @@ class Settings(BaseSettings):
         if not value.startswith("/"):
             raise ValueError("expected a path starting with '/'")
         return value
+
+    @field_validator("temporal_tls_cert", "temporal_tls_key")
+    @classmethod
+    def _is_readable_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError("expected the path of a PEM file that exists")
+        return value
+
+    @model_validator(mode="after")
+    def _certificate_has_its_key(self) -> Settings:
+        if (self.temporal_tls_cert is None) != (self.temporal_tls_key is None):
+            raise ValueError(
+                f"{ENV_PREFIX}TEMPORAL_TLS_CERT and {ENV_PREFIX}TEMPORAL_TLS_KEY "
+                "go together: set both for mutual TLS, or neither"
+            )
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -162,9 +185,13 @@ def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
         field = ".".join(str(part) for part in error["loc"])
+        expected = error["msg"].removeprefix("Value error, ")
+        if not field:
+            # A rule across several variables names them itself.
+            lines.append(f"{expected}.")
+            continue
         variable = ENV_PREFIX + field.upper()
         given = error.get("input")
-        expected = error["msg"].removeprefix("Value error, ")
         lines.append(f"{variable} has value {given!r}: {expected}.")
 
     return "Invalid settings:\n  " + "\n  ".join(lines)

@@ -41,6 +41,15 @@ def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param(
             "MIRRORFLOW_DATABASE_URL", "postgres://x", "sqlite:///", id="database"
         ),
+        pytest.param(
+            "MIRRORFLOW_WORKER_METRICS_PORT", "99999", "65535", id="metrics-port"
+        ),
+        pytest.param(
+            "MIRRORFLOW_TEMPORAL_TLS_CERT",
+            "/nonexistent/client.pem",
+            "PEM file that exists",
+            id="certificate-missing",
+        ),
     ],
 )
 def test_settings_error_names_variable_value_and_expectation(
@@ -111,3 +120,18 @@ def test_temporal_client_certificate_makes_mutual_tls(
     assert isinstance(tls, TLSConfig)
     assert tls.client_cert == b"certificate"
     assert tls.client_private_key == b"private key"
+
+
+@pytest.mark.parametrize("given", ["CERT", "KEY"])
+def test_client_certificate_and_key_go_together(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, given: str
+) -> None:
+    (tmp_path / "client.pem").write_bytes(b"certificate or key")
+    monkeypatch.setenv(f"MIRRORFLOW_TEMPORAL_TLS_{given}", str(tmp_path / "client.pem"))
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+
+    message = str(caught.value)
+    assert "MIRRORFLOW_TEMPORAL_TLS_CERT and MIRRORFLOW_TEMPORAL_TLS_KEY" in message
+    assert "set both" in message
