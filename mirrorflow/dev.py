@@ -23,6 +23,7 @@ from typing import TextIO
 import httpx
 
 from mirrorflow.errors import MirrorflowError
+from mirrorflow.files import create_owner_only
 from mirrorflow.settings import load_settings
 from mirrorflow.subscribing import add_subscriber
 from workflows.models import SEARCH_ATTRIBUTES
@@ -83,6 +84,10 @@ class DevService:
             "MIRRORFLOW_STORAGE_URL": f"file://{data / 'attachments'}",
             "MIRRORFLOW_DATABASE_URL": f"sqlite:///{data / 'subscribers.db'}",
             "MIRRORFLOW_CALLBACK_URL": self.webhook_url + "/notify",
+            # One webhook with a disk of its own: answer from the intake log,
+            # so that a busy or restarting Temporal never slows Mirror down.
+            "MIRRORFLOW_INTAKE": os.environ.get("MIRRORFLOW_INTAKE", "log"),
+            "MIRRORFLOW_INTAKE_PATH": str(data / "intake.db"),
         }
 
     def start(self) -> None:
@@ -132,9 +137,8 @@ class DevService:
         credentials = created.json()["credentials"]
 
         path = self.data_dir / "demo-credentials.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as file:
-            json.dump(credentials, file, indent=2)
+        create_owner_only(path)
+        path.write_text(json.dumps(credentials, indent=2))
 
         settings = load_settings(**_lowercase(self.settings_env()))
         add_subscriber(settings, DEMO_USER, credentials)
@@ -164,17 +168,22 @@ class DevService:
         """Return where everything is, for the person who started it."""
         data = self.data_dir.resolve()
         ui = f"http://{self.ports.host}:{self.ports.ui}"
+        places = [
+            f"  webhook       {self.webhook_url}/notify",
+            f"  Temporal UI   {ui}/namespaces/default/workflows",
+            f"  Temporal      {self.ports.host}:{self.ports.temporal}",
+            f"  emulator      {self.emulator_url}/mirror/v1/",
+            f"  stored files  {data / 'attachments'}",
+            f"  subscribers   {data / 'subscribers.db'}",
+        ]
+        if self.settings_env()["MIRRORFLOW_INTAKE"] == "log":
+            places.append(f"  intake log    {data / 'intake.db'}")
 
         return "\n".join(
             [
                 "mirrorflow is running. Ctrl-C stops everything.",
                 "",
-                f"  webhook       {self.webhook_url}/notify",
-                f"  Temporal UI   {ui}/namespaces/default/workflows",
-                f"  Temporal      {self.ports.host}:{self.ports.temporal}",
-                f"  emulator      {self.emulator_url}/mirror/v1/",
-                f"  stored files  {data / 'attachments'}",
-                f"  subscribers   {data / 'subscribers.db'}",
+                *places,
                 "",
                 f"Make the demo user ({DEMO_USER!r}) share a photo:",
                 f"  mirrorflow demo share-photo --emulator {self.emulator_url}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -10,10 +11,12 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+from temporalio.client import Client
 
 from mirrorflow.dev import DevPorts, PortInUse, check_ports_free
 from tests.fixtures.servers import free_port
@@ -39,8 +42,16 @@ def test_check_ports_names_the_taken_port_and_its_flag() -> None:
     assert "--emulator-port" in str(caught.value)
 
 
+@dataclass
+class Dev:
+    """A running ``mirrorflow dev`` and the banner it printed."""
+
+    process: subprocess.Popen[str]
+    banner: str
+
+
 @contextmanager
-def running_dev(data_dir: Path, ports: DevPorts) -> Iterator[subprocess.Popen[str]]:
+def running_dev(data_dir: Path, ports: DevPorts) -> Iterator[Dev]:
     """Run ``mirrorflow dev`` until its banner is out; stop it with Ctrl-C after."""
     command = [
         sys.executable,
@@ -63,13 +74,16 @@ def running_dev(data_dir: Path, ports: DevPorts) -> Iterator[subprocess.Popen[st
     try:
         assert dev.stdout is not None
         deadline = time.monotonic() + 90
+        banner: list[str] = []
         for line in dev.stdout:
-            if "Ctrl-C stops everything" in line:
+            if "Ctrl-C stops everything" in line or banner:
+                banner.append(line)
+            if "mirrorflow demo share-photo" in line:
                 break
             assert time.monotonic() < deadline, "mirrorflow dev never said it runs"
         else:
             pytest.fail(f"mirrorflow dev exited with {dev.wait()}")
-        yield dev
+        yield Dev(dev, "".join(banner))
     finally:
         dev.send_signal(signal.SIGINT)
         dev.communicate(timeout=60)
@@ -91,13 +105,26 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+async def demo_runs(address: str) -> list[str]:
+    """Return the ids of the demo user's workflows on a Temporal server."""
+    client = await Client.connect(address)
+
+    return [
+        execution.id
+        async for execution in client.list_workflows("MirrorUserToken = 'demo'")
+    ]
+
+
 def test_dev_stores_a_shared_photo_and_restarts_on_its_data(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     ports = dev_ports()
     emulator = f"http://127.0.0.1:{ports.emulator}"
+    temporal = f"127.0.0.1:{ports.temporal}"
 
-    with running_dev(data_dir, ports) as dev:
+    with running_dev(data_dir, ports) as running:
+        dev = running.process
         ready = httpx.get(f"http://127.0.0.1:{ports.webhook}/readyz", timeout=5)
+        ui = httpx.get(f"http://127.0.0.1:{ports.ui}/", timeout=10)
         share = [sys.executable, "-m", "mirrorflow", "demo", "share-photo"]
         subprocess.run(
             [*share, "--emulator", emulator],
@@ -109,10 +136,27 @@ def test_dev_stores_a_shared_photo_and_restarts_on_its_data(tmp_path: Path) -> N
             assert time.monotonic() < deadline, "the shared photo was never stored"
             time.sleep(0.2)
         children = children_of(dev.pid)
+        first_runs = asyncio.run(demo_runs(temporal))
     left_running = [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
     with running_dev(data_dir, ports):
         again = httpx.get(f"http://127.0.0.1:{ports.webhook}/readyz", timeout=5)
+        runs_after_restart = asyncio.run(demo_runs(temporal))
+
+    for place in (
+        f"http://127.0.0.1:{ports.webhook}/notify",
+        f"http://127.0.0.1:{ports.ui}/namespaces/default/workflows",
+        f"{emulator}/mirror/v1/",
+        str((data_dir / "attachments").resolve()),
+        str((data_dir / "intake.db").resolve()),
+        f"mirrorflow demo share-photo --emulator {emulator}",
+    ):
+        assert place in running.banner
+    assert ui.status_code == 200
+    assert ready.json()["intake"]["backlog"] >= 0
+    # The photo's run is still known to the dev server after the restart.
+    assert len(first_runs) >= 1
+    assert set(first_runs) <= set(runs_after_restart)
 
     assert ready.status_code == 200
     assert len(children) >= 4

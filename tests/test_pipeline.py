@@ -21,7 +21,7 @@ from tests.fixtures.pipeline import (
     run_pipeline,
 )
 from tests.fixtures.storage import FakeGcsServer
-from workflows.models import ErrorType, NotificationResult, Outcome
+from workflows.models import OUTCOME, ErrorType, NotificationResult, Outcome
 
 PHOTO = b"\xff\xd8\xff\xe0" + os.urandom(200_000) + b"\xff\xd9"
 
@@ -40,6 +40,13 @@ async def activity_attempts(handle: WorkflowHandle[object, object], name: str) -
                 attempts = max(attempts, attributes.attempt)
 
     return attempts
+
+
+async def outcome_attribute(handle: WorkflowHandle[object, object]) -> str | None:
+    """Return the MirrorOutcome search attribute a run carries."""
+    description = await handle.describe()
+
+    return description.typed_search_attributes.get(OUTCOME)
 
 
 async def wait_for_activity(
@@ -69,6 +76,7 @@ async def test_pipeline_stores_shared_photo_with_identical_bytes(
     await record(pipeline, handle, "stored")
 
     assert result.outcome is Outcome.STORED
+    assert await outcome_attribute(handle) == "stored"
     [stored] = result.stored
     assert stored.name.endswith(".jpg")
     assert stored.size == len(PHOTO)
@@ -128,6 +136,7 @@ async def test_pipeline_ends_gone_for_a_deleted_item(pipeline: Pipeline) -> None
     await record(pipeline, handle, "gone")
 
     assert result.outcome is Outcome.GONE
+    assert await outcome_attribute(handle) == "gone"
     assert pipeline.storage.list() == []
 
 
@@ -146,6 +155,7 @@ async def test_pipeline_rejects_a_spoofed_notification_without_calling_mirror(
     await record(pipeline, handle, "rejected")
 
     assert result.outcome is Outcome.REJECTED
+    assert await outcome_attribute(handle) == "rejected"
     assert pipeline.emulator.requests(after=mark) == []
     assert pipeline.storage.list() == []
 
@@ -184,6 +194,8 @@ async def test_pipeline_fails_a_revoked_user_without_retrying(
     assert failure.non_retryable
     assert repr(subscribed.user_token) in failure.message
     assert await activity_attempts(handle, "fetch_item") == 1
+    # A failed run has no outcome; ExecutionStatus = 'Failed' finds it.
+    assert await outcome_attribute(handle) is None
 
 
 async def test_pipeline_refreshes_an_expired_access_token(pipeline: Pipeline) -> None:

@@ -320,10 +320,13 @@ def test_dev_demo_credentials_file_is_owner_only(
         ports=dev.DevPorts(emulator=emulator_port, webhook=free_port()),
     )
 
+    credentials = tmp_path / "demo-credentials.json"
+    # A file left by an earlier run with a looser mode is narrowed too.
+    credentials.write_text("{}")
+    credentials.chmod(0o644)
     with permissive_umask():
         service.add_demo_user()
 
-    credentials = tmp_path / "demo-credentials.json"
     suite_secrets.add(json.loads(credentials.read_text())["refresh_token"])
     assert _mode(credentials) == 0o600
     assert _mode(tmp_path / "subscribers.db") == 0o600
