@@ -33,6 +33,7 @@ from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
 from tests.fixtures.servers import free_port, serving
 from tests.fixtures.temporal import temporal_cli
+from webhook import app as webhook_app
 from webhook.app import create_app
 from webhook.notifications import MAX_BODY_BYTES
 from workflows.models import (
@@ -431,6 +432,25 @@ async def test_notify_refuses_wrong_field(
 
     assert response.status_code == 400
     assert message in response.json()["error"]
+    assert starts(app) == (0, 0)
+
+
+async def test_notify_refuses_a_body_that_trickles_in_too_slowly(
+    app: Starlette, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(webhook_app, "BODY_TIMEOUT", 0.5)
+    body = json.dumps(ping()).encode()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        yield body[:10]
+        await asyncio.sleep(2)
+        yield body[10:]
+
+    response = await http.post("/notify", content=trickle(), headers=JSON)
+
+    assert response.status_code == 408
+    assert "did not arrive within 0.5 seconds" in response.json()["error"]
+    assert sample(app, "mirrorflow_webhook_rejections_total", reason="body_timeout")
     assert starts(app) == (0, 0)
 
 

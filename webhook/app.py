@@ -62,6 +62,13 @@ from workflows.models import (
 )
 
 READINESS_TIMEOUT = 1.0
+
+BODY_TIMEOUT = 10.0
+"""Seconds a sender has to deliver the whole body: Mirror's own timeout.
+
+Mirror sends a few hundred bytes at once; a body still trickling in after
+this long comes from something else, and holding a connection for it
+would let slow senders pile up."""
 """Seconds ``/readyz`` waits for Temporal's health check."""
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("webhook")
@@ -553,14 +560,21 @@ async def _read_body(request: Request) -> bytes:
     chunks: list[bytes] = []
     size = 0
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
-                raise _too_large()
-            chunks.append(chunk)
+        async with asyncio.timeout(BODY_TIMEOUT):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:
+                    raise _too_large()
+                chunks.append(chunk)
     except ClientDisconnect:
         raise _Refusal(
             400, "client_disconnected", "The client went away mid-body."
+        ) from None
+    except TimeoutError:
+        raise _Refusal(
+            408,
+            "body_timeout",
+            f"The body did not arrive within {BODY_TIMEOUT:g} seconds.",
         ) from None
 
     return b"".join(chunks)
