@@ -1,6 +1,6 @@
 """Measure the intake log: the ack path with the log on and off, and an outage.
 
-    python -m bench.intake [--seconds 10] [--outage 60] [--on-disk]
+    python -m bench.intake [--seconds 10] [--outage 60] [--on-disk] [--profile]
 
 In one run, on one Temporal dev server:
 
@@ -16,7 +16,8 @@ In one run, on one Temporal dev server:
 
 After steps 1-3 the log is drained (``/readyz`` reports the backlog), then
 every workflow on the run's task queue is listed: each notification answered
-200 must have exactly one run. No worker runs. Needs wrk.
+200 must have exactly one run. No worker runs. Needs wrk. With ``--profile``,
+py-spy samples the webhook with the log while wrk loads it.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
-from bench import load
+from bench import load, profile
 from bench.harness import (
     HOST,
     Children,
@@ -60,6 +61,9 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--outage", type=float, default=60.0)
     parser.add_argument("--on-disk", action="store_true")
+    parser.add_argument(
+        "--profile", action="store_true", help="sample the log webhook with py-spy"
+    )
 
     return parser.parse_args()
 
@@ -126,15 +130,26 @@ async def check_once(
     }
 
 
-def wrk(url: str, seconds: float) -> dict[str, Any]:
-    """Load an app with wrk at 64 connections after a short warm-up."""
+def wrk(
+    url: str, seconds: float, *, profile_pid: int | None = None, folder: Path
+) -> dict[str, Any]:
+    """Load an app with wrk at 64 connections after a short warm-up.
+
+    With ``profile_pid``, that process is sampled with py-spy meanwhile.
+    """
     run_id = uuid.uuid4().hex[:8]
     load.run_wrk(url + "/notify", run_id=run_id + "-warm", connections=8, seconds=2)
+    recording = None
+    raw = folder / "webhook-log.pyspy.txt"
+    if profile_pid is not None:
+        recording = profile.record(profile_pid, raw, seconds=seconds - 1)
     summary = load.run_wrk(
         url + "/notify", run_id=run_id, connections=64, seconds=seconds
-    )
+    ).as_dict()
+    if recording is not None:
+        summary["profile"] = profile.stop(recording, raw).__dict__
 
-    return summary.as_dict()
+    return summary
 
 
 async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -153,7 +168,9 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
         bare_url = f"http://{HOST}:{port}"
         await _wait_until(lambda: _accepts(port), 30)
         results["bare"] = {
-            "wrk": await asyncio.to_thread(wrk, bare_url, options.seconds),
+            "wrk": await asyncio.to_thread(
+                wrk, bare_url, options.seconds, folder=folder
+            ),
             "rate": await offer(bare_url, "bare", options.rate, options.seconds),
         }
         children.stop(bare)
@@ -168,8 +185,11 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
                 intake_path=str(folder / f"intake-{uuid.uuid4().hex[:8]}.db"),
             )
             webhook, url = await start_webhook(children, env, name=f"webhook-{mode}")
+            profiled = webhook.pid if options.profile and mode == "log" else None
             result: dict[str, Any] = {
-                "wrk": await asyncio.to_thread(wrk, url, options.seconds)
+                "wrk": await asyncio.to_thread(
+                    wrk, url, options.seconds, profile_pid=profiled, folder=folder
+                )
             }
             prefix = uuid.uuid4().hex[:8]
             result["rate"] = await offer(url, prefix, options.rate, options.seconds)
@@ -272,6 +292,12 @@ def report(results: dict[str, Any]) -> str:
         f"(10x direct), p99 {over['p99_ms']} ms, statuses {over['statuses']}; "
         f"drained in {log_run['drain_seconds']} s; check {log_run['check']}.",
     ]
+    profiled = results["steady"]["log"]["wrk"].get("profile")
+    if profiled:
+        lines += ["", "Where the log webhook's CPU goes under wrk (% of samples):"]
+        lines += [f"- {name}: {share}" for name, share in profiled["by_code"]]
+        lines += ["", "Inside mirrorflow's functions:"]
+        lines += [f"- {name}: {share}" for name, share in profiled["through"]]
     if "outage" in results:
         outage = results["outage"]
         stream = outage["stream"]

@@ -108,6 +108,7 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.is_open = True
+        self.idle_since = now()
 
     async def post(self, request: bytes) -> tuple[int, bytes]:
         self.writer.write(request)
@@ -131,8 +132,18 @@ _CONTENT_LENGTH = re.compile(rb"(?i)\r\ncontent-length:\s*(\d+)")
 _CLOSE = re.compile(rb"(?i)\r\nconnection:\s*close")
 
 
+IDLE_REUSE = 2.0
+"""Seconds a connection may sit idle and still be reused.
+
+uvicorn closes a keep-alive connection after 5 idle seconds. A client that
+reuses one just as the server closes it sees the connection end before any
+answer, through no fault of the app: HTTP clients avoid that race by
+retiring idle connections sooner than the server does, and so does this one.
+"""
+
+
 class _Client:
-    """Connections to one URL, reused while they stay open."""
+    """Connections to one URL, reused while they stay open and fresh."""
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -153,7 +164,12 @@ class _Client:
 
     async def send(self, body: bytes, *, within: float) -> tuple[int, bytes]:
         """POST ``body``; return the status and body, or 0 and the error's name."""
-        connection = self._idle.pop() if self._idle else None
+        connection = None
+        while self._idle and connection is None:
+            connection = self._idle.pop()
+            if now() - connection.idle_since > IDLE_REUSE:
+                connection.close()
+                connection = None
         try:
             async with asyncio.timeout(within):
                 if connection is None:
@@ -168,6 +184,7 @@ class _Client:
             return 0, type(exc).__name__.encode()
 
         if connection.is_open:
+            connection.idle_since = now()
             self._idle.append(connection)
 
         return status, answer
