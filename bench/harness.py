@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -462,7 +463,11 @@ def results_folder(name: str) -> Iterator[Path]:
     """Yield the folder for one benchmark's logs, creating it empty."""
     folder = RESULTS / f"{name}-logs"
     folder.mkdir(parents=True, exist_ok=True)
+    # Whole folders too: a GCS emulator's bucket left by an earlier run would
+    # make this one's creation fail.
     for old in folder.iterdir():
-        if old.is_file():
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
             old.unlink()
     yield folder
