@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -457,3 +460,66 @@ def test_summary_renders_one_line_per_id() -> None:
         "0 matching runs of 0 workflow ids",
         "re-ran 0, skipped 0, errors 0",
     ]
+
+
+async def test_replay_command_reruns_timed_out_and_terminated_runs(
+    temporal_client: Client, task_queue: str, world: World
+) -> None:
+    """`mirrorflow replay`, run as an operator runs it, re-runs both kinds."""
+    timed_out, terminated = make_notification(), make_notification()
+    world.held.update([timed_out.item_id, terminated.item_id])
+    ids = {
+        name: f"replay-test-{notification.item_id}"
+        for name, notification in (("timed_out", timed_out), ("terminated", terminated))
+    }
+    for name, notification in (("timed_out", timed_out), ("terminated", terminated)):
+        await temporal_client.start_workflow(
+            WORKFLOW_NAME,
+            notification,
+            id=ids[name],
+            task_queue=task_queue,
+            search_attributes=search_attributes_for(notification),
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+            execution_timeout=(timedelta(seconds=1) if name == "timed_out" else None),
+        )
+    await temporal_client.get_workflow_handle(ids["terminated"]).terminate("test")
+    for _ in range(100):
+        statuses = {
+            name: (await temporal_client.get_workflow_handle(i).describe()).status
+            for name, i in ids.items()
+        }
+        if statuses["timed_out"] == WorkflowExecutionStatus.TIMED_OUT:
+            break
+        await asyncio.sleep(0.1)
+    assert statuses == {
+        "timed_out": WorkflowExecutionStatus.TIMED_OUT,
+        "terminated": WorkflowExecutionStatus.TERMINATED,
+    }
+    await wait_until_listed(temporal_client, task_queue, 2)
+    world.released.set()
+    address = temporal_client.service_client.config.target_host
+    env = {
+        **os.environ,
+        "MIRRORFLOW_TEMPORAL_ADDRESS": address,
+        "MIRRORFLOW_LOG_LEVEL": "WARNING",
+    }
+    command = [sys.executable, "-m", "mirrorflow", "replay", "--since", "1h"]
+
+    replay = await asyncio.to_thread(
+        subprocess.run,
+        [*command, "--query", on_queue(task_queue)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert replay.returncode == 0, replay.stderr
+    assert f"re-ran {ids['timed_out']} (TimedOut run" in replay.stdout
+    assert f"re-ran {ids['terminated']} (Terminated run" in replay.stdout
+    assert "re-ran 2, skipped 0, errors 0" in replay.stdout
+    for workflow_id in ids.values():
+        handle = temporal_client.get_workflow_handle(
+            workflow_id, result_type=NotificationResult
+        )
+        assert (await handle.result()).outcome == Outcome.STORED
