@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import os
 import random
 import signal
@@ -30,9 +31,15 @@ from mirrorflow.settings import Settings, load_settings
 from tests.fixtures.servers import free_port, serving
 from tests.test_webhook import CREDENTIALS, VERIFY_TOKEN, DevServer, ping, sample
 from webhook.app import create_app
-from webhook.intake import IntakeError, IntakeLog
+from webhook.intake import Forwarder, IntakeError, IntakeLog
 from webhook.metrics import WebhookMetrics
-from workflows.models import sha256_hex
+from webhook.notifications import parse_notification
+from workflows.models import (
+    WORKFLOW_NAME,
+    Notification,
+    sha256_hex,
+    workflow_id_for,
+)
 
 
 @pytest.fixture
@@ -404,3 +411,54 @@ async def test_intake_keeps_every_acknowledged_ping_across_sigkills(
     assert ready["intake"]["backlog"] == 0, f"seed {seed}"
     assert acknowledged - runs.keys() == set(), f"seed {seed}"
     assert max(runs.values()) == 1, f"seed {seed}"
+
+
+@pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
+async def test_forwarder_starts_one_at_a_time_while_the_webhook_is_busy(
+    temporal_client: Client, task_queue: str, tmp_path: Path, busy: bool
+) -> None:
+    """A busy webhook keeps one start in flight; every row is still forwarded."""
+    intake = IntakeLog(
+        tmp_path / "intake.db",
+        max_rows=1000,
+        max_bytes=10_000_000,
+        metrics=WebhookMetrics(),
+    )
+    await intake.open()
+    in_flight = most_in_flight = 0
+
+    async def start(notification: Notification, workflow_id: str) -> bool:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            await temporal_client.start_workflow(
+                WORKFLOW_NAME, notification, id=workflow_id, task_queue=task_queue
+            )
+        finally:
+            in_flight -= 1
+        return True
+
+    notifications = [parse_notification(json.dumps(ping()).encode()) for _ in range(40)]
+    expected = {workflow_id_for(notification) for notification in notifications}
+    await asyncio.gather(*(intake.append(n, workflow_id_for(n)) for n in notifications))
+    forwarder = Forwarder(
+        intake, start, concurrency=8, metrics=WebhookMetrics(), busy=lambda: busy
+    )
+    forwarder.start()
+    try:
+        for _ in range(600):
+            if not intake.rows:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        await forwarder.stop()
+        await intake.close()
+
+    runs = await runs_once_visible(temporal_client, task_queue, expected)
+    assert set(runs) == expected
+    assert set(runs.values()) == {1}
+    if busy:
+        assert most_in_flight == 1
+    else:
+        assert most_in_flight > 1

@@ -63,6 +63,13 @@ from workflows.models import (
 
 READINESS_TIMEOUT = 1.0
 
+BUSY_REQUESTS = 8
+"""Notifications being answered at once past which the webhook counts as busy.
+
+With the intake log, a busy webhook has its forwarder start workflows one at
+a time (:class:`~webhook.intake.Forwarder`), leaving the CPU to the answers.
+"""
+
 BODY_TIMEOUT = 10.0
 """Seconds a sender has to deliver the whole body: Mirror's own timeout.
 
@@ -127,6 +134,7 @@ class Webhook:
             )
 
         self._starts_in_flight = 0
+        self._requests_in_flight = 0
         self.metrics.starts_in_flight.set_function(lambda: self._starts_in_flight)
         self._rpc_timeout = timedelta(seconds=settings.start_deadline)
         self._retry_after = {"Retry-After": str(settings.retry_after)}
@@ -160,6 +168,7 @@ class Webhook:
                 self._start_workflow,
                 concurrency=self.settings.intake_forward_concurrency,
                 metrics=self.metrics,
+                busy=lambda: self._requests_in_flight >= BUSY_REQUESTS,
             )
             self.forwarder.start()
 
@@ -184,6 +193,13 @@ class Webhook:
     async def notify(self, request: Request) -> Response:
         """Accept one notification: validate, check the sender, start or log it."""
         began = time.perf_counter()
+        self._requests_in_flight += 1
+        try:
+            return await self._notify(request, began)
+        finally:
+            self._requests_in_flight -= 1
+
+    async def _notify(self, request: Request, began: float) -> Response:
         context: dict[str, Any] = {}
         try:
             notification = parse_notification(await _read_body(request))

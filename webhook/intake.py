@@ -55,6 +55,9 @@ MAX_BACKOFF = 5.0
 IDLE_POLL = 1.0
 """Seconds the forwarder waits for new rows before looking again anyway."""
 
+BUSY_PAUSE = 0.02
+"""Seconds between two starts while the webhook is busy answering."""
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS intake (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -396,6 +399,10 @@ class Forwarder:
             not accept the start.
         concurrency: starts in flight at once.
         metrics: where forwarded notifications and refusals are counted.
+        busy: tells whether requests are piling up in the webhook. While
+            they are, the forwarder starts one workflow at a time, a pause
+            apart: answering Mirror comes first, and every start costs CPU
+            in this process and in Temporal, which may share the machine.
     """
 
     def __init__(
@@ -405,10 +412,12 @@ class Forwarder:
         *,
         concurrency: int,
         metrics: WebhookMetrics,
+        busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._intake = intake
         self._start = start
         self._metrics = metrics
+        self._busy = busy
         self._slots = asyncio.Semaphore(concurrency)
         self._cursor = 0
         self._retry: list[Entry] = []
@@ -453,11 +462,17 @@ class Forwarder:
                     continue
 
             for index, entry in enumerate(entries):
+                paced = self._busy()
+                if paced:
+                    await asyncio.sleep(BUSY_PAUSE)
                 await self._slots.acquire()
                 if self._backoff:
                     self._slots.release()
                     self._retry.extend(entries[index:])
                     break
+                if paced:
+                    await self._forward_in_slot(entry)
+                    continue
                 task = asyncio.create_task(self._forward_in_slot(entry))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
