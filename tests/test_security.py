@@ -283,6 +283,8 @@ def test_subscribers_database_and_its_journal_are_owner_only(tmp_path: Path) -> 
         "subscribers.db-shm": 0o600,
         "subscribers.db-wal": 0o600,
     }
+    # The folder it made for the database is its owner's alone too.
+    assert _mode(path.parent) == 0o700
 
 
 async def test_intake_log_and_its_journal_are_owner_only(tmp_path: Path) -> None:
