@@ -255,7 +255,7 @@ async def test_intake_acknowledges_while_temporal_is_stopped(
             client, settings.temporal_task_queue, acknowledged
         )
     finally:
-        await server.stop()
+        await server.close()
 
     assert set(statuses) == {200}
     assert during["status"] == "ready"
@@ -283,7 +283,7 @@ async def test_intake_webhook_starts_while_temporal_is_down(
             await server.connect(), settings.temporal_task_queue, acknowledged
         )
     finally:
-        await server.stop()
+        await server.close()
 
     assert [answer.status_code for answer in answers] == [200] * 5
     assert before["status"] == "ready"

@@ -568,7 +568,7 @@ async def test_runs_in_flight_survive_a_temporal_restart(
                 }
             metrics = (await http.get("/metrics")).text
     finally:
-        await server.stop()
+        await server.close()
 
     register_secrets(
         suite_secrets, emulator, users, SubscriberStore(settings.database_path)

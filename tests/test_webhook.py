@@ -31,6 +31,8 @@ from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
+from tests.fixtures.pipeline import readable
+from tests.fixtures.secrets import SUITE_SECRETS
 from tests.fixtures.servers import free_port, serving
 from tests.fixtures.temporal import temporal_cli
 from webhook import app as webhook_app
@@ -169,6 +171,25 @@ class DevServer:
         await asyncio.wait_for(self._process.wait(), 10)
         self._process = None
 
+    async def close(self) -> None:
+        """Hand every history to the suite's secret scan, then stop for good.
+
+        The session's last test scans the shared dev server itself; this
+        server is gone by then, so its histories are kept as text now.
+        """
+        if self._process is not None and self._process.returncode is None:
+            client = await self.connect()
+            async for execution in client.list_workflows():
+                handle = client.get_workflow_handle(
+                    execution.id, run_id=execution.run_id
+                )
+                text = (await handle.fetch_history()).to_json()
+                SUITE_SECRETS.observe(
+                    f"history of {execution.id} on a file-backed server",
+                    readable(text),
+                )
+        await self.stop()
+
 
 @pytest.fixture
 async def dev_server(tmp_path: Path) -> AsyncIterator[DevServer]:
@@ -176,7 +197,7 @@ async def dev_server(tmp_path: Path) -> AsyncIterator[DevServer]:
     server = DevServer(tmp_path / "temporal.db")
     await server.start()
     yield server
-    await server.stop()
+    await server.close()
 
 
 @pytest.fixture
