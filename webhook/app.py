@@ -62,6 +62,7 @@ from workflows.models import (
 )
 
 READINESS_TIMEOUT = 1.0
+"""Seconds ``/readyz`` waits for Temporal's health check."""
 
 BUSY_REQUESTS = 8
 """Notifications being answered at once past which the webhook counts as busy.
@@ -76,7 +77,6 @@ BODY_TIMEOUT = 10.0
 Mirror sends a few hundred bytes at once; a body still trickling in after
 this long comes from something else, and holding a connection for it
 would let slow senders pile up."""
-"""Seconds ``/readyz`` waits for Temporal's health check."""
 
 log: structlog.stdlib.BoundLogger = structlog.get_logger("webhook")
 

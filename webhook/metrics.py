@@ -15,7 +15,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-STATUSES = ("200", "400", "403", "413", "415", "503")
+STATUSES = ("200", "400", "403", "408", "413", "415", "503")
 """The statuses ``POST /notify`` answers with, shown at 0 before the first."""
 
 REASONS = (
@@ -23,6 +23,7 @@ REASONS = (
     "unsupported_media_type",
     "invalid_json",
     "invalid_notification",
+    "body_timeout",
     "unknown_sender",
     "wrong_verify_token",
     "subscribers_unavailable",
