@@ -120,6 +120,8 @@ class Settings(BaseSettings):
     def _is_path(cls, value: str) -> str:
         if not value.startswith("/"):
             raise ValueError("expected a path starting with '/'")
+        if value in ("/healthz", "/readyz", "/metrics"):
+            raise ValueError(f"{value} is the webhook's own route; choose another")
         return value
 
     @field_validator("temporal_tls_cert", "temporal_tls_key")

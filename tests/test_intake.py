@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
@@ -120,6 +121,38 @@ async def test_intake_acknowledged_pings_start_one_run_each(
     assert sample(app, "mirrorflow_intake_appended_total") == 50
     assert sample(app, "mirrorflow_intake_forwarded_total") == 50
     assert sample(app, "mirrorflow_webhook_workflows_started_total") == 41
+
+
+async def test_intake_logs_each_notification_when_its_workflow_starts(
+    settings: Settings, temporal_client: Client
+) -> None:
+    """A 200 from the log is a DEBUG line; the INFO line comes with the start."""
+    app = create_app(settings, client=temporal_client)
+    body = ping()
+
+    with structlog.testing.capture_logs() as logged:
+        async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:
+            first = await http.post("/notify", json=body)
+            await drained(http)
+            resent = await http.post("/notify", json=body)
+            await drained(http)
+
+    received = [e for e in logged if e["event"] == "notification_received"]
+    forwarded = [e for e in logged if e["event"] == "notification_forwarded"]
+    workflow_id = first.json()["workflow_id"]
+    assert resent.json()["workflow_id"] == workflow_id
+    assert [(e["log_level"], e["status"], e["outcome"]) for e in received] == [
+        ("debug", 200, "logged")
+    ] * 2
+    assert [(e["log_level"], e["outcome"]) for e in forwarded] == [
+        ("info", "started"),
+        ("info", "duplicate"),
+    ]
+    for event in forwarded:
+        assert event["workflow_id"] == workflow_id
+        assert event["item_id"] == body["itemId"]
+        assert event["user_token"] == body["userToken"]
+        assert event["waited_ms"] >= 0
 
 
 async def test_intake_checks_the_sender_before_logging(

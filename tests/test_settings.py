@@ -39,6 +39,9 @@ def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         ),
         pytest.param("MIRRORFLOW_TEMPORAL_TLS", "perhaps", "boolean", id="tls"),
         pytest.param(
+            "MIRRORFLOW_WEBHOOK_PATH", "/readyz", "webhook's own route", id="path"
+        ),
+        pytest.param(
             "MIRRORFLOW_DATABASE_URL", "postgres://x", "sqlite:///", id="database"
         ),
         pytest.param(

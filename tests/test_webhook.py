@@ -37,7 +37,7 @@ from tests.fixtures.servers import free_port, serving
 from tests.fixtures.temporal import temporal_cli
 from webhook import app as webhook_app
 from webhook.app import create_app
-from webhook.notifications import MAX_BODY_BYTES
+from webhook.notifications import MAX_BODY_BYTES, parse_notification
 from workflows.models import (
     COLLECTION,
     ITEM_ID,
@@ -47,6 +47,7 @@ from workflows.models import (
     WORKFLOW_NAME,
     Notification,
     sha256_hex,
+    workflow_id_for,
 )
 
 VERIFY_TOKEN = "verify-token-that-must-stay-secret"
@@ -343,6 +344,33 @@ async def test_notify_accepts_json_with_parameters(http: httpx.AsyncClient) -> N
     )
 
     assert response.status_code == 200
+
+
+async def test_notify_reads_a_body_sent_in_pieces(
+    http: httpx.AsyncClient, temporal_client: Client, task_queue: str
+) -> None:
+    body = json.dumps(ping()).encode()
+
+    async def pieces() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 16):
+            yield body[start : start + 16]
+
+    response = await http.post("/notify", content=pieces(), headers=JSON)
+
+    assert response.status_code == 200
+    assert response.json()["workflow_id"] == workflow_id_for(parse_notification(body))
+
+
+@pytest.mark.parametrize("method", ["GET", "PUT", "DELETE"])
+async def test_notify_answers_other_methods_with_405(
+    app: Starlette, http: httpx.AsyncClient, method: str
+) -> None:
+    response = await http.request(method, "/notify", json=ping())
+
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert f"not {method}" in response.json()["error"]
+    assert starts(app) == (0, 0)
 
 
 async def _oversized_chunks() -> AsyncIterator[bytes]:

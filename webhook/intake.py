@@ -528,5 +528,16 @@ class Forwarder:
             self._metrics.workflows_started.inc()
         else:
             self._metrics.duplicates.inc()
+        notification = entry.notification
+        log.info(
+            "notification_forwarded",
+            outcome="started" if is_new else "duplicate",
+            waited_ms=round(max(0.0, time.time() - entry.arrived) * 1000, 1),
+            workflow_id=entry.workflow_id,
+            user_token=notification.user_token,
+            collection=notification.collection,
+            operation=notification.operation,
+            item_id=notification.item_id,
+        )
 
         return True
