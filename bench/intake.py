@@ -1,8 +1,16 @@
 """Measure the intake log: the ack path with the log on and off, and an outage.
 
-    python -m bench.intake [--seconds 10] [--outage 60] [--on-disk] [--profile]
+    python -m bench.intake [--seconds 10] [--rounds 3] [--outage 60] [--on-disk]
+        [--profile]
 
-In one run, on one Temporal dev server:
+First, with no Temporal at all: the bare Starlette app and the webhook with
+``MIRRORFLOW_INTAKE=log`` side by side, taking turns under wrk at 64
+connections for ``--rounds`` rounds. This machine's speed drifts by more
+than the difference measured, so each round's ratio compares two runs a few
+seconds apart, and the median ratio is the result. Nothing is forwarded, so
+once the webhook has stopped every 200 it gave must be a row of its log.
+
+Then, in one run, on one Temporal dev server:
 
 1. the bare Starlette app (:mod:`bench.apps`), the webhook with
    ``MIRRORFLOW_INTAKE=direct`` and the webhook with ``MIRRORFLOW_INTAKE=log``,
@@ -25,8 +33,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import socket
+import sqlite3
+import statistics
 import sys
 import time
 import uuid
@@ -59,6 +70,7 @@ def parse_options() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--outage", type=float, default=60.0)
     parser.add_argument("--on-disk", action="store_true")
     parser.add_argument(
@@ -150,6 +162,72 @@ def wrk(
         summary["profile"] = profile.stop(recording, raw).__dict__
 
     return summary
+
+
+def answered_200(summary: load.Summary) -> int:
+    """Return how many 200s a wrk run counted."""
+    return summary.requests - summary.statuses["non-2xx"]
+
+
+async def rounds(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Bare and log webhook in turns under wrk, Temporal absent; count the rows."""
+    database = folder / "subscribers-rounds.db"
+    add_bench_subscriber(database)
+    intake = folder / f"intake-rounds-{uuid.uuid4().hex[:8]}.db"
+    turns: list[dict[str, Any]] = []
+    acknowledged = 0
+    with Children(folder) as children:
+        port = free_port()
+        children.spawn(
+            "bare-rounds",
+            [sys.executable, "-m", "bench.apps", "--host", HOST, "--port", str(port)],
+        )
+        bare_url = f"http://{HOST}:{port}/notify"
+        await _wait_until(lambda: _accepts(port), 30)
+        env = mirrorflow_env(
+            # Nothing listens there: the forwarder keeps backing off.
+            temporal_address=f"{HOST}:{free_port()}",
+            database_url=f"sqlite:///{database}",
+            intake="log",
+            intake_path=str(intake),
+            intake_max_backlog=str(10_000_000),
+            intake_max_bytes=str(2**32),
+        )
+        webhook, url = await start_webhook(children, env, name="webhook-rounds")
+        log_url = url + "/notify"
+
+        def run(target: str, connections: int, seconds: float) -> load.Summary:
+            run_id = uuid.uuid4().hex[:8]
+            return load.run_wrk(
+                target, run_id=run_id, connections=connections, seconds=seconds
+            )
+
+        await asyncio.to_thread(run, bare_url, 8, 2)
+        acknowledged += answered_200(await asyncio.to_thread(run, log_url, 8, 2))
+        for _ in range(options.rounds):
+            bare = await asyncio.to_thread(run, bare_url, 64, options.seconds)
+            logged = await asyncio.to_thread(run, log_url, 64, options.seconds)
+            acknowledged += answered_200(logged)
+            turns.append(
+                {
+                    "bare": bare.as_dict(),
+                    "log": logged.as_dict(),
+                    "ratio": round(logged.per_second / bare.per_second, 3),
+                }
+            )
+        webhook.check_alive()
+        # SIGTERM: the webhook commits what is pending and closes its log.
+        children.stop(webhook)
+
+    with contextlib.closing(sqlite3.connect(intake)) as db:
+        [rows] = db.execute("SELECT count(*) FROM intake").fetchone()
+
+    return {
+        "rounds": turns,
+        "median_ratio": statistics.median(turn["ratio"] for turn in turns),
+        "answered_200": acknowledged,
+        "rows_in_log": rows,
+    }
 
 
 async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
@@ -298,6 +376,25 @@ def report(results: dict[str, Any]) -> str:
         lines += [f"- {name}: {share}" for name, share in profiled["by_code"]]
         lines += ["", "Inside mirrorflow's functions:"]
         lines += [f"- {name}: {share}" for name, share in profiled["through"]]
+    if "rounds" in results:
+        turns = results["rounds"]
+        lines += [
+            "",
+            "| round | bare 200/s | bare p99 ms | log 200/s | log p99 ms "
+            "| log ÷ bare |",
+            "|---|---|---|---|---|---|",
+        ]
+        for number, turn in enumerate(turns["rounds"], 1):
+            lines.append(
+                f"| {number} | {turn['bare']['per_second']} | "
+                f"{turn['bare']['p99_ms']} | {turn['log']['per_second']} | "
+                f"{turn['log']['p99_ms']} | {turn['ratio']} |"
+            )
+        lines.append(
+            f"Median log ÷ bare, Temporal absent: {turns['median_ratio']}; "
+            f"{turns['answered_200']} answered 200, {turns['rows_in_log']} rows "
+            "in the log."
+        )
     if "outage" in results:
         outage = results["outage"]
         stream = outage["stream"]
@@ -313,7 +410,10 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
     """Run every step; return the results."""
     raise_file_limit()
     with results_folder("intake") as folder:
-        results = {"steady": await steady_state(options, folder)}
+        results: dict[str, Any] = {}
+        if options.rounds > 0:
+            results["rounds"] = await rounds(options, folder)
+        results["steady"] = await steady_state(options, folder)
         if options.outage > 0:
             results["outage"] = await outage(options, folder)
 

@@ -38,6 +38,7 @@ from webhook.notifications import parse_notification
 from workflows.models import (
     WORKFLOW_NAME,
     Notification,
+    canonical_json,
     sha256_hex,
     workflow_id_for,
 )
@@ -474,7 +475,9 @@ async def test_forwarder_starts_one_at_a_time_while_the_webhook_is_busy(
 
     notifications = [parse_notification(json.dumps(ping()).encode()) for _ in range(40)]
     expected = {workflow_id_for(notification) for notification in notifications}
-    await asyncio.gather(*(intake.append(n, workflow_id_for(n)) for n in notifications))
+    await asyncio.gather(
+        *(intake.append(workflow_id_for(n), canonical_json(n)) for n in notifications)
+    )
     forwarder = Forwarder(
         intake, start, concurrency=8, metrics=WebhookMetrics(), busy=lambda: busy
     )

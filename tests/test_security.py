@@ -56,6 +56,7 @@ from workflows.models import (
     NotificationResult,
     Outcome,
     VerifyInput,
+    canonical_json,
     sha256_hex,
     workflow_id_for,
 )
@@ -296,7 +297,9 @@ async def test_intake_log_and_its_journal_are_owner_only(tmp_path: Path) -> None
         await intake.open()
         try:
             notification = parse_notification(json.dumps(test_webhook.ping()).encode())
-            await intake.append(notification, workflow_id_for(notification))
+            await intake.append(
+                workflow_id_for(notification), canonical_json(notification)
+            )
             modes = {file.name: _mode(file) for file in path.parent.iterdir()}
         finally:
             await intake.close()

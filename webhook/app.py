@@ -59,6 +59,7 @@ from webhook.senders import SenderCheck, Verdict
 from workflows.models import (
     WORKFLOW_NAME,
     Notification,
+    canonical_json,
     search_attributes_for,
     workflow_id_for,
 )
@@ -205,10 +206,10 @@ class Webhook:
         request and response objects).
         """
         if scope["method"] != "POST":
-            await _send_json(
+            await _send(
                 send,
                 405,
-                {"error": f"Send notifications with POST, not {scope['method']}."},
+                _error(f"Send notifications with POST, not {scope['method']}."),
                 _ALLOW_POST,
             )
             return
@@ -219,12 +220,12 @@ class Webhook:
             status, body, headers = await self._notify(scope, receive, began)
         finally:
             self._requests_in_flight -= 1
-        await _send_json(send, status, body, headers)
+        await _send(send, status, body, headers)
 
     async def _notify(
         self, scope: Scope, receive: Receive, began: float
-    ) -> tuple[int, dict[str, Any], _Headers]:
-        """Return the status, body and headers of a notification's answer."""
+    ) -> tuple[int, bytes, _Headers]:
+        """Return the status, JSON body and headers of a notification's answer."""
         context: dict[str, Any] = {}
         # One timer per request: first the body's deadline, then, once the
         # body is in, the deadline for making the notification durable.
@@ -243,11 +244,13 @@ class Webhook:
                     operation=notification.operation,
                     item_id=notification.item_id,
                 )
-                workflow_id = context["workflow_id"] = workflow_id_for(notification)
+                canonical = canonical_json(notification)
+                workflow_id = workflow_id_for(notification, canonical)
+                context["workflow_id"] = workflow_id
                 if self.intake is None:
                     is_new = await self._accept(notification, workflow_id)
                 else:
-                    await self._log(notification, workflow_id, self.intake)
+                    await self._log(notification, workflow_id, canonical, self.intake)
         except NotificationError as exc:
             refusal = _Refusal(400, exc.reason, str(exc))
         except _Refusal as exc:
@@ -268,7 +271,7 @@ class Webhook:
                     outcome="logged",
                     **context,
                 )
-                return 200, {"status": "accepted", "workflow_id": workflow_id}, ()
+                return 200, _accepted(workflow_id), ()
             if is_new:
                 context["outcome"] = "started"
                 self.metrics.workflows_started.inc()
@@ -281,7 +284,7 @@ class Webhook:
                 duration_ms=round(seconds * 1000, 1),
                 **context,
             )
-            return 200, {"status": "accepted", "workflow_id": workflow_id}, ()
+            return 200, _accepted(workflow_id), ()
 
         seconds = time.perf_counter() - began
         self.metrics.record_answer(refusal.status, seconds)
@@ -297,7 +300,7 @@ class Webhook:
             **context,
         )
 
-        return refusal.status, {"error": refusal.message}, refusal.headers
+        return refusal.status, _error(refusal.message), refusal.headers
 
     def _deadline_exceeded(self) -> _Refusal:
         deadline = self.settings.start_deadline
@@ -336,7 +339,11 @@ class Webhook:
             self._starts_in_flight -= 1
 
     async def _log(
-        self, notification: Notification, workflow_id: str, intake: IntakeLog
+        self,
+        notification: Notification,
+        workflow_id: str,
+        canonical: str,
+        intake: IntakeLog,
     ) -> None:
         """Check the sender and commit the notification to the intake log.
 
@@ -344,7 +351,7 @@ class Webhook:
         """
         await self._check_sender(notification)
         try:
-            await intake.append(notification, workflow_id)
+            await intake.append(workflow_id, canonical)
         except IntakeError as exc:
             raise _Refusal(
                 503, exc.reason, str(exc), headers=self._retry_after
@@ -656,10 +663,18 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-async def _send_json(
-    send: Send, status: int, body: dict[str, Any], headers: _Headers
-) -> None:
-    content = json.dumps(body).encode()
+def _accepted(workflow_id: str) -> bytes:
+    # Every 200 has this body; only the id is encoded on each request.
+    return (
+        b'{"status": "accepted", "workflow_id": %s}' % json.dumps(workflow_id).encode()
+    )
+
+
+def _error(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+async def _send(send: Send, status: int, content: bytes, headers: _Headers) -> None:
     await send(
         {
             "type": "http.response.start",

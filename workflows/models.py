@@ -180,19 +180,27 @@ def sha256_hex(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def workflow_id_for(notification: Notification) -> str:
+def canonical_json(notification: Notification) -> str:
+    """Return a notification as compact JSON with sorted keys.
+
+    Its workflow id is a digest of this text, and the intake log stores it.
+    """
+    return json.dumps(
+        notification.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+    )
+
+
+def workflow_id_for(notification: Notification, canonical: str | None = None) -> str:
     """Return the workflow id of a notification, derived from its content.
 
     Mirror's resends of a ping carry the same content, so they map to the same
     id and Temporal folds them into one run. The verify token's digest is part
     of the content: a spoofed copy of a genuine ping with a wrong token gets
-    an id of its own and cannot claim the genuine one's.
+    an id of its own and cannot claim the genuine one's. ``canonical`` is the
+    notification's :func:`canonical_json`, for a caller that has it already.
     """
-    canonical = json.dumps(
-        notification.model_dump(mode="json"),
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    if canonical is None:
+        canonical = canonical_json(notification)
     digest = sha256_hex(canonical)[:32]
 
     return f"mirror-{notification.collection}-{digest}"
