@@ -52,6 +52,7 @@ from mirrorflow.errors import TemporalUnavailable
 from mirrorflow.logs import configure_logging
 from mirrorflow.settings import Settings, load_settings
 from mirrorflow.temporal import connect, process_runtime
+from webhook.deadlines import Deadlines
 from webhook.intake import Forwarder, IntakeError, IntakeLog
 from webhook.metrics import WebhookMetrics
 from webhook.notifications import MAX_BODY_BYTES, NotificationError, parse_notification
@@ -143,8 +144,12 @@ class Webhook:
 
         self._starts_in_flight = 0
         self._requests_in_flight = 0
+        self._deadlines = Deadlines()
         self.metrics.starts_in_flight.set_function(lambda: self._starts_in_flight)
-        self._rpc_timeout = timedelta(seconds=settings.start_deadline)
+        # A second past the start deadline, so that the request's own
+        # deadline (kept to within a tick) decides its answer; this bounds
+        # the forwarder's starts, which have no other deadline.
+        self._rpc_timeout = timedelta(seconds=settings.start_deadline + 1)
         self._retry_after = ((b"retry-after", str(settings.retry_after).encode()),)
 
     def __repr__(self) -> str:
@@ -227,35 +232,35 @@ class Webhook:
     ) -> tuple[int, bytes, _Headers]:
         """Return the status, JSON body and headers of a notification's answer."""
         context: dict[str, Any] = {}
-        # One timer per request: first the body's deadline, then, once the
-        # body is in, the deadline for making the notification durable.
-        timer = asyncio.timeout(BODY_TIMEOUT)
+        deadlines = self._deadlines
+        # First the body's deadline, then, once the body is in, the deadline
+        # for making the notification durable.
+        deadlines.set(BODY_TIMEOUT)
         reading = True
         try:
-            async with timer:
-                notification = parse_notification(await _read_body(scope, receive))
-                reading = False
-                timer.reschedule(
-                    asyncio.get_running_loop().time() + self.settings.start_deadline
-                )
-                context.update(
-                    user_token=notification.user_token,
-                    collection=notification.collection,
-                    operation=notification.operation,
-                    item_id=notification.item_id,
-                )
-                canonical = canonical_json(notification)
-                workflow_id = workflow_id_for(notification, canonical)
-                context["workflow_id"] = workflow_id
-                if self.intake is None:
-                    is_new = await self._accept(notification, workflow_id)
-                else:
-                    await self._log(notification, workflow_id, canonical, self.intake)
+            notification = parse_notification(await _read_body(scope, receive))
+            reading = False
+            deadlines.set(self.settings.start_deadline)
+            context.update(
+                user_token=notification.user_token,
+                collection=notification.collection,
+                operation=notification.operation,
+                item_id=notification.item_id,
+            )
+            canonical = canonical_json(notification)
+            workflow_id = workflow_id_for(notification, canonical)
+            context["workflow_id"] = workflow_id
+            if self.intake is None:
+                is_new = await self._accept(notification, workflow_id)
+            else:
+                await self._log(notification, workflow_id, canonical, self.intake)
         except NotificationError as exc:
             refusal = _Refusal(400, exc.reason, str(exc))
         except _Refusal as exc:
             refusal = exc
-        except TimeoutError:
+        except asyncio.CancelledError:
+            if not deadlines.expired():
+                raise
             refusal = _body_timeout() if reading else self._deadline_exceeded()
         else:
             seconds = time.perf_counter() - began
@@ -285,6 +290,8 @@ class Webhook:
                 **context,
             )
             return 200, _accepted(workflow_id), ()
+        finally:
+            deadlines.clear()
 
         seconds = time.perf_counter() - began
         self.metrics.record_answer(refusal.status, seconds)
