@@ -184,10 +184,29 @@ def canonical_json(notification: Notification) -> str:
     """Return a notification as compact JSON with sorted keys.
 
     Its workflow id is a digest of this text, and the intake log stores it.
+    The text is what ``json.dumps(notification.model_dump(mode="json"),
+    sort_keys=True, separators=(",", ":"))`` gives, written out field by
+    field because that costs half as much on the webhook's hot path;
+    ``tests/test_models.py`` checks that the two agree.
     """
-    return json.dumps(
-        notification.model_dump(mode="json"), sort_keys=True, separators=(",", ":")
+    actions = ",".join(
+        '{"payload":' + _json_or_null(a.payload) + ',"type":' + json.dumps(a.type) + "}"
+        for a in notification.user_actions
     )
+
+    return (
+        '{"collection":' + json.dumps(notification.collection)
+        + ',"item_id":' + json.dumps(notification.item_id)
+        + ',"operation":' + json.dumps(notification.operation)
+        + ',"user_actions":[' + actions + "]"
+        + ',"user_token":' + json.dumps(notification.user_token)
+        + ',"verify_token_sha256":' + _json_or_null(notification.verify_token_sha256)
+        + "}"
+    )  # fmt: skip
+
+
+def _json_or_null(value: str | None) -> str:
+    return "null" if value is None else json.dumps(value)
 
 
 def workflow_id_for(notification: Notification, canonical: str | None = None) -> str:
