@@ -272,6 +272,16 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
                 result["wrk"] = await asyncio.to_thread(
                     wrk, url, options.seconds, folder=folder
                 )
+            else:
+                # Warm up as the others were by their wrk runs: the first
+                # requests after a start pay for imports and connections.
+                await asyncio.to_thread(
+                    load.run_wrk,
+                    url + "/notify",
+                    run_id=uuid.uuid4().hex[:8] + "-warm",
+                    connections=1,
+                    seconds=2,
+                )
             prefix = uuid.uuid4().hex[:8]
             result["rate"] = await offer(url, prefix, options.rate, options.seconds)
             acked = list(result["rate"]["acked"])
