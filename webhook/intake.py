@@ -504,6 +504,9 @@ class Forwarder:
                 task = asyncio.create_task(self._forward_in_slot(entry))
                 self._in_flight.add(task)
                 task.add_done_callback(self._in_flight.discard)
+                # One start begins per turn of the event loop, between the
+                # requests, rather than a batch of them all at once.
+                await asyncio.sleep(0)
 
     async def _next_entries(self) -> list[Entry]:
         while True:
