@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,17 +39,16 @@ from temporalio.common import (
 
 from bench import load, profile
 from bench.harness import (
-    HOST,
     Child,
     Children,
     CpuMeter,
     add_bench_subscriber,
-    free_port,
     mirrorflow_env,
     notification_body,
     raise_file_limit,
     results_folder,
     run_async,
+    start_bare,
     start_temporal,
     start_webhook,
 )
@@ -239,13 +237,7 @@ async def run(options: Options) -> dict[str, Any]:
         )
         results: dict[str, Any] = {"options": options.__dict__}
 
-        port = free_port()
-        bare = children.spawn(
-            "bare",
-            [sys.executable, "-m", "bench.apps", "--host", HOST, "--port", str(port)],
-        )
-        bare_url = f"http://{HOST}:{port}"
-        await _wait_ready(bare, bare_url)
+        bare, bare_url = await start_bare(children)
         results["bare"] = await measure_app(
             "bare", bare_url, bare, [temporal.child], options, folder
         )
@@ -268,24 +260,6 @@ async def run(options: Options) -> dict[str, Any]:
         results["start_workflow"]["cpu_percent"] = meter.stop()
 
     return results
-
-
-async def _wait_ready(child: Child, url: str) -> None:
-    deadline = time.monotonic() + 30
-    while not await asyncio.to_thread(_is_ready, url):
-        child.check_alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{child.name} did not answer at {url} in 30 s")
-        await asyncio.sleep(0.1)
-
-
-def _is_ready(url: str) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url + "/readyz", timeout=2, trust_env=False).is_success
-    except httpx.HTTPError:
-        return False
 
 
 def report(results: dict[str, Any], options: Options) -> str:

@@ -13,6 +13,8 @@ The parts:
   attributes.
 - :func:`start_webhook`, :func:`start_worker`: ``mirrorflow webhook`` and
   ``mirrorflow worker``, exactly as deployed, configured by ``MIRRORFLOW_*``.
+- :func:`start_bare`: the bare Starlette app every ack-path figure is
+  compared with.
 - :func:`add_bench_subscriber`: a subscriber the webhook's sender check accepts.
 """
 
@@ -378,6 +380,17 @@ async def start_webhook(
     child = children.spawn(name, [*command, "--host", HOST, "--port", str(port)], env)
     url = f"http://{HOST}:{port}"
     await _wait_for(name, lambda: _answers(url + "/readyz"), child, 60)
+
+    return child, url
+
+
+async def start_bare(children: Children, *, name: str = "bare") -> tuple[Child, str]:
+    """Start the bare Starlette app (:mod:`bench.apps`); return it and its URL."""
+    port = free_port()
+    command = [sys.executable, "-m", "bench.apps", "--host", HOST, "--port", str(port)]
+    child = children.spawn(name, command)
+    url = f"http://{HOST}:{port}"
+    await _wait_for(name, lambda: _answers(url + "/readyz"), child, 30)
 
     return child, url
 

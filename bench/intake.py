@@ -38,10 +38,8 @@ import asyncio
 import collections
 import contextlib
 import json
-import socket
 import sqlite3
 import statistics
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -61,6 +59,7 @@ from bench.harness import (
     raise_file_limit,
     results_folder,
     run_async,
+    start_bare,
     start_temporal,
     start_webhook,
 )
@@ -147,7 +146,7 @@ async def check_once(
     }
 
 
-def wrk(url: str, seconds: float, *, folder: Path) -> dict[str, Any]:
+def wrk(url: str, seconds: float) -> dict[str, Any]:
     """Load an app with wrk at 64 connections after a short warm-up."""
     run_id = uuid.uuid4().hex[:8]
     load.run_wrk(url + "/notify", run_id=run_id + "-warm", connections=8, seconds=2)
@@ -170,13 +169,8 @@ async def rounds(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
     turns: list[dict[str, Any]] = []
     acknowledged = 0
     with Children(folder) as children:
-        port = free_port()
-        children.spawn(
-            "bare-rounds",
-            [sys.executable, "-m", "bench.apps", "--host", HOST, "--port", str(port)],
-        )
-        bare_url = f"http://{HOST}:{port}/notify"
-        await _wait_until(lambda: _accepts(port), 30)
+        _, bare_root = await start_bare(children, name="bare-rounds")
+        bare_url = bare_root + "/notify"
         env = mirrorflow_env(
             # Nothing listens there: the forwarder keeps backing off.
             temporal_address=f"{HOST}:{free_port()}",
@@ -239,17 +233,9 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
         database = folder / "subscribers.db"
         add_bench_subscriber(database)
 
-        port = free_port()
-        bare = children.spawn(
-            "bare",
-            [sys.executable, "-m", "bench.apps", "--host", HOST, "--port", str(port)],
-        )
-        bare_url = f"http://{HOST}:{port}"
-        await _wait_until(lambda: _accepts(port), 30)
+        bare, bare_url = await start_bare(children)
         results["bare"] = {
-            "wrk": await asyncio.to_thread(
-                wrk, bare_url, options.seconds, folder=folder
-            ),
+            "wrk": await asyncio.to_thread(wrk, bare_url, options.seconds),
             "rate": await offer(bare_url, "bare", options.rate, options.seconds),
         }
         children.stop(bare)
@@ -269,9 +255,7 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
             # wrk run here would leave a backlog of about a hundred thousand
             # rows for this step's check to wait for.
             if mode == "direct":
-                result["wrk"] = await asyncio.to_thread(
-                    wrk, url, options.seconds, folder=folder
-                )
+                result["wrk"] = await asyncio.to_thread(wrk, url, options.seconds)
             else:
                 # Warm up as the others were by their wrk runs: the first
                 # requests after a start pay for imports and connections.
@@ -344,20 +328,6 @@ async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
         "drain_seconds": drain_seconds,
         "check": check,
     }
-
-
-def _accepts(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((HOST, port)) == 0
-
-
-async def _wait_until(condition: Any, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("gave up waiting")
-        await asyncio.sleep(0.1)
 
 
 def report(results: dict[str, Any]) -> str:

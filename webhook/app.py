@@ -265,25 +265,20 @@ class Webhook:
         else:
             seconds = time.perf_counter() - began
             self.metrics.record_answer(200, seconds)
+            write = log.info
             if self.intake is not None:
                 # The INFO line comes when the forwarder starts the workflow
                 # (``notification_forwarded``): a line per 200 here would cost
                 # a burst a quarter of the webhook's CPU (docs/intake.md).
-                log.debug(
-                    "notification_received",
-                    status=200,
-                    duration_ms=round(seconds * 1000, 1),
-                    outcome="logged",
-                    **context,
-                )
-                return 200, _accepted(workflow_id), ()
-            if is_new:
+                write = log.debug
+                context["outcome"] = "logged"
+            elif is_new:
                 context["outcome"] = "started"
                 self.metrics.workflows_started.inc()
             else:
                 context["outcome"] = "duplicate"
                 self.metrics.duplicates.inc()
-            log.info(
+            write(
                 "notification_received",
                 status=200,
                 duration_ms=round(seconds * 1000, 1),

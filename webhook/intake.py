@@ -84,12 +84,14 @@ values stay within the 999 variables of SQLite's most modest builds.
 @functools.cache
 def _insert(rows: int) -> str:
     values = ", ".join(["(?, ?, ?)"] * rows)
-    return f"INSERT INTO intake (workflow_id, notification, arrived) VALUES {values}"  # noqa: S608
+    columns = "(workflow_id, notification, arrived)"
+    return f"INSERT INTO intake {columns} VALUES {values}"  # noqa: S608
 
 
 @functools.cache
 def _delete(rows: int) -> str:
-    return f"DELETE FROM intake WHERE id IN ({', '.join(['?'] * rows)})"  # noqa: S608
+    placeholders = ", ".join(["?"] * rows)
+    return f"DELETE FROM intake WHERE id IN ({placeholders})"  # noqa: S608
 
 
 def _chunks(items: list[T], size: int) -> Iterator[list[T]]:
