@@ -447,6 +447,36 @@ async def test_intake_keeps_every_acknowledged_ping_across_sigkills(
     assert max(runs.values()) == 1, f"seed {seed}"
 
 
+async def test_intake_backlog_age_skips_rows_already_forwarded(tmp_path: Path) -> None:
+    """A row Temporal accepted leaves the age at once, before its delete commits."""
+    intake = IntakeLog(
+        tmp_path / "intake.db", max_rows=10, max_bytes=10_000, metrics=WebhookMetrics()
+    )
+    await intake.open()
+    try:
+        for _ in range(2):
+            notification = parse_notification(json.dumps(ping()).encode())
+            await intake.append(
+                workflow_id_for(notification), canonical_json(notification)
+            )
+            await asyncio.sleep(0.2)
+        first, second = await intake.read_after(0, 10)
+
+        intake.mark_forwarded(first)
+        before = time.time()
+        one_left = await intake.backlog()
+        after = time.time()
+        intake.mark_forwarded(second)
+        none_left = await intake.backlog()
+    finally:
+        await intake.close()
+
+    assert one_left.rows == 1
+    assert before - second.arrived <= one_left.oldest_age <= after - second.arrived
+    assert none_left.rows == 0
+    assert none_left.oldest_age == 0.0
+
+
 @pytest.mark.parametrize("busy", [False, True], ids=["idle", "busy"])
 async def test_forwarder_starts_one_at_a_time_while_the_webhook_is_busy(
     temporal_client: Client, task_queue: str, tmp_path: Path, busy: bool

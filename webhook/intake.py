@@ -257,9 +257,18 @@ class IntakeLog:
         self._wake.set()
 
     async def backlog(self) -> Backlog:
-        """Return how much the log holds and the age of its oldest row."""
-        oldest = await self._call(self._oldest_arrival)
-        age = 0.0 if oldest is None else max(0.0, time.time() - oldest)
+        """Return how much the log holds and the age of its oldest row.
+
+        A row Temporal has accepted is not counted, though its deletion may
+        wait for the next commit.
+        """
+        # Deletions already handed to the writer commit before this query
+        # runs (the log has one thread); those still queued are skipped.
+        oldest = await self._call(self._oldest_arrival, frozenset(self._forwarded))
+        if self.rows == 0 or oldest is None:
+            age = 0.0
+        else:
+            age = max(0.0, time.time() - oldest)
 
         return Backlog(rows=self.rows, bytes=self.bytes, oldest_age=age)
 
@@ -403,13 +412,18 @@ class IntakeLog:
             for row_id, workflow_id, data, arrived in rows
         ]
 
-    def _oldest_arrival(self) -> float | None:
+    def _oldest_arrival(self, forwarded: frozenset[int]) -> float | None:
         assert self._db is not None
-        row = self._db.execute(
-            "SELECT arrived FROM intake ORDER BY id LIMIT 1"
-        ).fetchone()
+        rows = self._db.execute("SELECT id, arrived FROM intake ORDER BY id")
+        try:
+            # Only the rows forwarded since the last commit are read past.
+            for row_id, arrived in rows:
+                if row_id not in forwarded:
+                    return float(arrived)
+        finally:
+            rows.close()
 
-        return None if row is None else float(row[0])
+        return None
 
     def _close(self) -> None:
         if self._db is not None:
