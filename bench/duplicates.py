@@ -180,7 +180,7 @@ def _id_of(answer: load.Answer) -> str:
     return workflow_id
 
 
-def _latencies(answers: list[load.Answer]) -> dict[str, dict[str, float]]:
+def _latencies(answers: list[load.Answer]) -> dict[str, dict[str, Any]]:
     result = {}
     for tag in ("fresh", "resend"):
         ordered = sorted(a.latency * 1000 for a in answers if a.tag == tag)

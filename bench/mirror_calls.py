@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from activities import mirror
-from bench.report import markdown_table, ratio, save
+from bench.report import Cell, markdown_table, ratio, save
 from emulator.testing import EmulatorAdmin, EmulatorProcess
 
 
@@ -79,7 +79,7 @@ def main() -> None:
             finally:
                 http.close()
 
-        rows = []
+        rows: list[list[Cell]] = []
         results = {}
         for name, before, after in (
             ("timeline.get (fetch_item)", item_before, item_after),

@@ -31,7 +31,7 @@ async def test_a_task_past_its_deadline_is_cancelled_and_told_so() -> None:
         _sleeper(deadlines, 0.05, deadline=0.2),
     )
 
-    assert outcomes == ["expired", "finished"]
+    assert list(outcomes) == ["expired", "finished"]
 
 
 async def test_a_moved_deadline_is_the_one_kept() -> None:

@@ -32,12 +32,12 @@ async def activity_attempts(handle: WorkflowHandle[object, object], name: str) -
     attempts = 0
     async for event in handle.fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            attributes = event.activity_task_scheduled_event_attributes
-            scheduled[event.event_id] = attributes.activity_type.name
+            activity = event.activity_task_scheduled_event_attributes
+            scheduled[event.event_id] = activity.activity_type.name
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-            attributes = event.activity_task_started_event_attributes
-            if scheduled.get(attributes.scheduled_event_id) == name:
-                attempts = max(attempts, attributes.attempt)
+            started = event.activity_task_started_event_attributes
+            if scheduled.get(started.scheduled_event_id) == name:
+                attempts = max(attempts, started.attempt)
 
     return attempts
 

@@ -159,8 +159,9 @@ async def run_to_end(pipeline: Pipeline, workflow_id: str) -> NotificationResult
         workflow_id, result_type=NotificationResult
     )
     pipeline.handles.append(handle)
+    result: NotificationResult = await handle.result()
 
-    return await handle.result()
+    return result
 
 
 def mirror_calls(
