@@ -18,7 +18,7 @@ from typing import Any
 
 from google.oauth2.credentials import Credentials
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, FailureError
 
 from activities import mirror
 from activities.mirror import Failure
@@ -284,7 +284,9 @@ class NotificationActivities:
 
         try:
             yield credentials
-        except ApplicationError:
+        except FailureError:
+            # An ApplicationError raised below, or the cancellation the worker
+            # raises in this thread when it stops: neither is Mirror's doing.
             raise
         except Exception as exc:
             raise mirror_failure(exc, user_token) from exc

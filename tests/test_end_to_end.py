@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 from temporalio.client import Client, WorkflowHandle
 
 from activities.storage import open_storage
@@ -25,7 +26,7 @@ from mirrorflow.settings import Settings
 from mirrorflow.subscribing import add_subscriber
 from tests.fixtures.pipeline import Pipeline, pipeline_settings
 from tests.fixtures.servers import free_port, serving
-from tests.test_pipeline import wait_for_activity
+from tests.test_pipeline import activity_starts, wait_for_activity
 from webhook.app import create_app
 from workflows.models import NotificationResult, Outcome
 
@@ -77,7 +78,6 @@ def worker_process(
     """Run ``mirrorflow worker`` as a child process with these settings."""
     env = {
         **os.environ,
-        **variables,
         "MIRRORFLOW_TEMPORAL_ADDRESS": address,
         "MIRRORFLOW_TEMPORAL_TASK_QUEUE": task_queue,
         "MIRRORFLOW_MIRROR_ROOT_URL": settings.mirror_root_url,
@@ -85,6 +85,7 @@ def worker_process(
         "MIRRORFLOW_DATABASE_URL": settings.database_url,
         "MIRRORFLOW_LOG_LEVEL": "WARNING",
         "MIRRORFLOW_GRACEFUL_SHUTDOWN": "1",
+        **variables,
     }
     child = subprocess.Popen([sys.executable, "-m", "mirrorflow", "worker"], env=env)
     try:
@@ -95,15 +96,13 @@ def worker_process(
             child.wait(timeout=30)
 
 
-async def test_run_survives_its_worker_being_killed(
-    temporal_client: Client,
-    task_queue: str,
-    emulator: EmulatorAdmin,
-    tmp_path: Path,
-) -> None:
-    """A worker SIGKILLed mid-store is replaced; one object, identical bytes."""
+def process_pipeline(
+    temporal_client: Client, task_queue: str, emulator: EmulatorAdmin, tmp_path: Path
+) -> Pipeline:
+    """Return a pipeline whose worker the test runs as a child process."""
     settings = pipeline_settings(emulator, tmp_path, f"file://{tmp_path / 'objects'}")
-    pipeline = Pipeline(
+
+    return Pipeline(
         client=temporal_client,
         task_queue=task_queue,
         settings=settings,
@@ -111,6 +110,17 @@ async def test_run_survives_its_worker_being_killed(
         storage=open_storage(settings.storage_url),
         subscribers=SubscriberStore(settings.database_path),
     )
+
+
+async def test_run_survives_its_worker_being_killed(
+    temporal_client: Client,
+    task_queue: str,
+    emulator: EmulatorAdmin,
+    tmp_path: Path,
+) -> None:
+    """A worker SIGKILLed mid-store is replaced; one object, identical bytes."""
+    pipeline = process_pipeline(temporal_client, task_queue, emulator, tmp_path)
+    settings = pipeline.settings
     subscribed = pipeline.subscribe()
     size = 20_000_000
     shared = emulator.share(
@@ -140,6 +150,53 @@ async def test_run_survives_its_worker_being_killed(
     assert hashlib.sha256(pipeline.storage.read(stored.name)).hexdigest() == (
         expected.hexdigest()
     )
+    await pipeline.check_histories()
+
+
+@pytest.mark.parametrize(
+    ("graceful", "attempts"), [(30, 1), (1, 2)], ids=["finishes", "hands_over"]
+)
+async def test_worker_told_to_stop_mid_store_loses_nothing(
+    temporal_client: Client,
+    task_queue: str,
+    emulator: EmulatorAdmin,
+    tmp_path: Path,
+    graceful: int,
+    attempts: int,
+) -> None:
+    """SIGTERM mid-store: the attempt ends within the graceful period, or is
+    cancelled and retried by the next worker; either way one object is stored.
+    """
+    pipeline = process_pipeline(temporal_client, task_queue, emulator, tmp_path)
+    settings = pipeline.settings
+    subscribed = pipeline.subscribe()
+    shared = emulator.share(
+        subscribed.user, content_type="video/mp4", generated_size=1_000_000, seed="stop"
+    )
+    content_path = shared["attachment"]["contentUrl"].split("/", 3)[3]
+    emulator.add_fault(content_path, latency=4.0, times=1)
+    address = temporal_client.service_client.config.target_host
+
+    with worker_process(
+        settings, address, task_queue, MIRRORFLOW_GRACEFUL_SHUTDOWN=str(graceful)
+    ) as first:
+        handle: WorkflowHandle[object, NotificationResult] = await pipeline.start(
+            subscribed.notification(shared["item"]["id"], "SHARE")
+        )
+        await wait_for_activity(handle, "store")
+        first.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(first.wait, 60)
+    with worker_process(settings, address, task_queue):
+        result = await handle.result()
+
+    [store] = await activity_starts(handle, "store")
+    assert exit_code == 0
+    assert store.attempt == attempts
+    if attempts > 1:
+        # The SDK's own failure, not a Mirror error made of the cancellation.
+        assert store.last_failure.application_failure_info.type == "WorkerShutdown"
+    assert result.outcome is Outcome.STORED
+    assert pipeline.storage.list() == [result.stored[0].name]
     await pipeline.check_histories()
 
 

@@ -7,9 +7,11 @@ import hashlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import ActivityTaskStartedEventAttributes
 from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
 from temporalio.exceptions import ActivityError, ApplicationError
 
@@ -26,20 +28,34 @@ from workflows.models import OUTCOME, ErrorType, NotificationResult, Outcome
 PHOTO = b"\xff\xd8\xff\xe0" + os.urandom(200_000) + b"\xff\xd9"
 
 
-async def activity_attempts(handle: WorkflowHandle[object, object], name: str) -> int:
-    """Return the attempt number of the last start of an activity in a history."""
+async def activity_starts(
+    handle: WorkflowHandle[Any, Any], name: str
+) -> list[ActivityTaskStartedEventAttributes]:
+    """Return the started events of an activity in a run's history.
+
+    Temporal records one started event per scheduled activity, when its last
+    attempt ends: its ``attempt`` counts the attempts made, and its
+    ``last_failure`` is the failure of the attempt before.
+    """
     scheduled: dict[int, str] = {}
-    attempts = 0
+    starts = []
     async for event in handle.fetch_history_events():
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            activity = event.activity_task_scheduled_event_attributes
-            scheduled[event.event_id] = activity.activity_type.name
+            attributes = event.activity_task_scheduled_event_attributes
+            scheduled[event.event_id] = attributes.activity_type.name
         if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
             started = event.activity_task_started_event_attributes
             if scheduled.get(started.scheduled_event_id) == name:
-                attempts = max(attempts, started.attempt)
+                starts.append(started)
 
-    return attempts
+    return starts
+
+
+async def activity_attempts(handle: WorkflowHandle[Any, Any], name: str) -> int:
+    """Return how many attempts the last run of an activity in a history made."""
+    starts = await activity_starts(handle, name)
+
+    return max((started.attempt for started in starts), default=0)
 
 
 async def outcome_attribute(handle: WorkflowHandle[object, object]) -> str | None:

@@ -23,10 +23,9 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-from temporalio.api.enums.v1 import EventType, TimeoutType
+from temporalio.api.enums.v1 import TimeoutType
 from temporalio.api.failure.v1 import ApplicationFailureInfo, Failure
-from temporalio.api.history.v1 import ActivityTaskStartedEventAttributes
-from temporalio.client import Client, WorkflowFailureError, WorkflowHandle
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from activities.storage import Storage, open_storage
@@ -42,7 +41,7 @@ from tests.fixtures.pipeline import (
 )
 from tests.fixtures.secrets import SecretRegistry
 from tests.fixtures.servers import serving
-from tests.test_pipeline import wait_for_activity
+from tests.test_pipeline import activity_starts, wait_for_activity
 from tests.test_webhook import DevServer
 from webhook.app import create_app
 from webhook.notifications import notification_from
@@ -67,29 +66,6 @@ async def fault_pipeline(
     )
     async for running in run_pipeline(temporal_client, task_queue, emulator, settings):
         yield running
-
-
-async def activity_starts(
-    handle: WorkflowHandle[Any, Any], name: str
-) -> list[ActivityTaskStartedEventAttributes]:
-    """Return the started events of an activity in a run's history.
-
-    Temporal records one started event per scheduled activity, when its last
-    attempt ends: its ``attempt`` counts the attempts made, and its
-    ``last_failure`` is the failure of the attempt before.
-    """
-    scheduled: dict[int, str] = {}
-    starts = []
-    async for event in handle.fetch_history_events():
-        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
-            attributes = event.activity_task_scheduled_event_attributes
-            scheduled[event.event_id] = attributes.activity_type.name
-        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
-            started = event.activity_task_started_event_attributes
-            if scheduled.get(started.scheduled_event_id) == name:
-                starts.append(started)
-
-    return starts
 
 
 def application_failure(failure: Failure) -> ApplicationFailureInfo:
