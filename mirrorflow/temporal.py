@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from datetime import timedelta
 
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverter,
+    PayloadConverter,
+)
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
@@ -20,6 +27,59 @@ from temporalio.service import RetryConfig, TLSConfig
 
 from mirrorflow.errors import TemporalUnavailable
 from mirrorflow.settings import Settings
+
+FAILURE_BUDGET = 3072
+"""Bytes a failure sent to Temporal may take, its causes included.
+
+The server keeps a pending activity's last failure whole up to 4 KiB; past
+that the UI shows "Failure exceeds size limit." in place of the message.
+"""
+
+
+class TrimmedFailureConverter(DefaultFailureConverter):
+    """Fit each failure within :data:`FAILURE_BUDGET` by cutting stack traces.
+
+    Messages and types are kept whole. The longest stack trace loses its
+    outermost half until the failure fits, so the frames nearest the error
+    stay; the worker's log still has the whole traceback.
+    """
+
+    def to_failure(
+        self,
+        exception: BaseException,
+        payload_converter: PayloadConverter,
+        failure: Failure,
+    ) -> None:
+        """See :meth:`DefaultFailureConverter.to_failure`."""
+        super().to_failure(exception, payload_converter, failure)
+        trim_stack_traces(failure, FAILURE_BUDGET)
+
+
+def trim_stack_traces(failure: Failure, budget: int) -> None:
+    """Cut the stack traces of ``failure`` and its causes until it fits ``budget``."""
+    chain = [failure]
+    while chain[-1].HasField("cause"):
+        chain.append(chain[-1].cause)
+    while failure.ByteSize() > budget:
+        longest = max(chain, key=lambda node: len(node.stack_trace))
+        lines = longest.stack_trace.splitlines()
+        cut = 0
+        if lines and lines[0].startswith(_CUT) and lines[0].endswith(" lines cut"):
+            cut = int(lines.pop(0).removeprefix(_CUT).split()[0])
+        if len(lines) < 2:
+            return
+        kept = lines[len(lines) // 2 :]
+        cut += len(lines) - len(kept)
+        longest.stack_trace = "\n".join([f"{_CUT}{cut} lines cut", *kept])
+
+
+_CUT = "  ... "
+
+
+DATA_CONVERTER: DataConverter = dataclasses.replace(
+    pydantic_data_converter, failure_converter_class=TrimmedFailureConverter
+)
+"""The converter of every mirrorflow client: pydantic payloads, trimmed failures."""
 
 
 def tls_config(settings: Settings) -> bool | TLSConfig:
@@ -79,7 +139,7 @@ async def connect(
                 namespace=settings.temporal_namespace,
                 api_key=api_key.get_secret_value() if api_key else None,
                 tls=tls_config(settings),
-                data_converter=pydantic_data_converter,
+                data_converter=DATA_CONVERTER,
                 connect_timeout=timedelta(seconds=timeout),
                 runtime=runtime,
                 retry_config=retry_config,

@@ -24,11 +24,11 @@ import httpx
 import pytest
 import structlog.testing
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
+from mirrorflow.temporal import DATA_CONVERTER
 from tests.fixtures.servers import free_port, serving
 from tests.test_webhook import CREDENTIALS, VERIFY_TOKEN, DevServer, ping, sample
 from webhook.app import create_app
@@ -62,7 +62,7 @@ def refusing_client(temporal_env: WorkflowEnvironment) -> Client:
     return Client(
         temporal_env.client.service_client,
         namespace="no-such-namespace",
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
     )
 
 

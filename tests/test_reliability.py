@@ -24,8 +24,9 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 from temporalio.api.enums.v1 import TimeoutType
-from temporalio.api.failure.v1 import ApplicationFailureInfo, Failure
+from temporalio.api.failure.v1 import Failure
 from temporalio.client import Client, WorkflowFailureError
+from temporalio.converter import DefaultFailureConverter
 from temporalio.exceptions import ActivityError, ApplicationError
 
 from activities.storage import Storage, open_storage
@@ -33,6 +34,7 @@ from activities.subscribers import SubscriberStore
 from emulator.testing import EmulatorAdmin, EmulatorUser
 from mirrorflow.settings import Settings
 from mirrorflow.subscribing import add_subscriber
+from mirrorflow.temporal import DATA_CONVERTER, FAILURE_BUDGET
 from tests.fixtures.pipeline import (
     Pipeline,
     Subscribed,
@@ -66,19 +68,6 @@ async def fault_pipeline(
     )
     async for running in run_pipeline(temporal_client, task_queue, emulator, settings):
         yield running
-
-
-def application_failure(failure: Failure) -> ApplicationFailureInfo:
-    """Return the application failure a history records, unwrapped if need be.
-
-    The server keeps a pending activity's last failure whole only up to a
-    size limit (4 KiB by default); a longer one, such as a failure with a
-    deep traceback, is wrapped in a server failure whose cause it is.
-    """
-    while failure.HasField("server_failure_info") and failure.HasField("cause"):
-        failure = failure.cause
-
-    return failure.application_failure_info
 
 
 def fault_path(call: str, shared: dict[str, Any]) -> str:
@@ -135,6 +124,57 @@ def fault_hits(emulator: EmulatorAdmin, fault_id: str) -> int:
     return hits
 
 
+def _fail_deep(depth: int) -> None:
+    if depth == 0:
+        raise ConnectionResetError("connection reset by peer")
+    _fail_deeper(depth - 1)
+
+
+def _fail_deeper(depth: int) -> None:
+    # Two functions in turn, as Python folds a run of one repeated frame.
+    _fail_deep(depth)
+
+
+def test_failures_fit_what_the_server_keeps_whole() -> None:
+    """A deep traceback loses its outer frames, not its message or type."""
+    small = ApplicationError("small", type=ErrorType.MIRROR_UNAVAILABLE)
+    try:
+        try:
+            _fail_deep(80)
+        except ConnectionResetError as exc:
+            raise ApplicationError(
+                "Mirror is unavailable for user 'u': connection reset by peer",
+                type=ErrorType.MIRROR_UNAVAILABLE,
+            ) from exc
+    except ApplicationError as caught:
+        deep = caught
+    converter = DATA_CONVERTER.failure_converter
+    failures = {}
+    for name, error in {"small": small, "deep": deep}.items():
+        failures[name] = Failure()
+        converter.to_failure(error, DATA_CONVERTER.payload_converter, failures[name])
+    untrimmed = Failure()
+    DefaultFailureConverter().to_failure(
+        deep, DATA_CONVERTER.payload_converter, untrimmed
+    )
+
+    trimmed = failures["deep"]
+    cause = trimmed.cause.stack_trace.splitlines()
+    assert untrimmed.ByteSize() > 4096
+    assert trimmed.ByteSize() <= FAILURE_BUDGET
+    assert trimmed.message == untrimmed.message
+    assert trimmed.application_failure_info == untrimmed.application_failure_info
+    assert trimmed.cause.message == "connection reset by peer"
+    assert re.fullmatch(r"  \.\.\. \d+ lines cut", cause[0])
+    assert cause[1:] == untrimmed.cause.stack_trace.splitlines()[-(len(cause) - 1) :]
+    assert 'raise ConnectionResetError("connection reset by peer")' in cause[-1]
+    small_untouched = Failure()
+    DefaultFailureConverter().to_failure(
+        small, DATA_CONVERTER.payload_converter, small_untouched
+    )
+    assert failures["small"] == small_untouched
+
+
 @pytest.mark.parametrize(("call", "fault"), TRANSIENT_TABLE)
 async def test_pipeline_retries_a_transient_fault_of_each_mirror_call(
     fault_pipeline: Pipeline, call: str, fault: dict[str, Any]
@@ -157,9 +197,11 @@ async def test_pipeline_retries_a_transient_fault_of_each_mirror_call(
     assert fault_pipeline.storage.read(stored.name) == PHOTO
     [started] = await activity_starts(handle, ACTIVITY_OF_CALL[call])
     assert started.attempt == 2
-    failure = application_failure(started.last_failure)
-    assert failure.type == ErrorType.MIRROR_UNAVAILABLE
-    assert not failure.non_retryable
+    # Whole: the server wraps a last failure over 4 KiB, message and all.
+    failure = started.last_failure
+    assert failure.message.startswith("Mirror is unavailable for user")
+    assert failure.application_failure_info.type == ErrorType.MIRROR_UNAVAILABLE
+    assert not failure.application_failure_info.non_retryable
 
 
 @pytest.mark.parametrize(

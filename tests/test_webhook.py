@@ -24,13 +24,13 @@ import pytest
 from starlette.applications import Starlette
 from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
+from mirrorflow.temporal import DATA_CONVERTER
 from tests.fixtures.pipeline import readable
 from tests.fixtures.secrets import SUITE_SECRETS
 from tests.fixtures.servers import free_port, serving
@@ -160,9 +160,7 @@ class DevServer:
 
     async def connect(self) -> Client:
         """Return a client of this server with mirrorflow's data converter."""
-        return await Client.connect(
-            self.address, data_converter=pydantic_data_converter
-        )
+        return await Client.connect(self.address, data_converter=DATA_CONVERTER)
 
     async def stop(self) -> None:
         """Stop the server and wait until its process has exited."""
@@ -660,9 +658,7 @@ async def test_notify_answers_503_when_temporal_hangs(
     async with FreezableProxy(
         temporal_env.client.service_client.config.target_host
     ) as proxy:
-        client = await Client.connect(
-            proxy.address, data_converter=pydantic_data_converter
-        )
+        client = await Client.connect(proxy.address, data_converter=DATA_CONVERTER)
         app = create_app(settings, client=client, subscribers=store)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://w") as http:
@@ -686,9 +682,7 @@ async def test_notify_refuses_at_once_beyond_the_starts_in_flight(
     async with FreezableProxy(
         temporal_env.client.service_client.config.target_host
     ) as proxy:
-        client = await Client.connect(
-            proxy.address, data_converter=pydantic_data_converter
-        )
+        client = await Client.connect(proxy.address, data_converter=DATA_CONVERTER)
         app = create_app(bounded, client=client, subscribers=store)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://w") as http:
@@ -724,7 +718,7 @@ async def test_notify_answers_503_when_temporal_refuses_the_start(
     client = Client(
         temporal_env.client.service_client,
         namespace="no-such-namespace",
-        data_converter=pydantic_data_converter,
+        data_converter=DATA_CONVERTER,
     )
     app = create_app(settings, client=client, subscribers=store)
     transport = httpx.ASGITransport(app=app)

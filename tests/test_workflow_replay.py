@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
+from mirrorflow.temporal import DATA_CONVERTER
 from workflows import NotificationWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -32,9 +32,7 @@ def test_histories_cover_every_outcome() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=[path.stem for path in HISTORIES])
 async def test_recorded_history_replays(path: Path) -> None:
     history = WorkflowHistory.from_json(path.stem, path.read_text())
-    replayer = Replayer(
-        workflows=[NotificationWorkflow], data_converter=pydantic_data_converter
-    )
+    replayer = Replayer(workflows=[NotificationWorkflow], data_converter=DATA_CONVERTER)
 
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
 
