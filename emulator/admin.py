@@ -226,6 +226,16 @@ async def expire_tokens(request: Request) -> Response:
     return json_response({"expired": emulator.expire_tokens(user)})
 
 
+async def list_tokens(request: Request) -> Response:
+    """List the access tokens issued to a user, expired ones included."""
+    emulator, user = _user(request)
+    tokens = [
+        {"token": token, "live": live} for token, live in emulator.access_tokens(user)
+    ]
+
+    return json_response({"items": tokens})
+
+
 # Timeline, as captured on Glass
 
 
@@ -427,6 +437,7 @@ def routes() -> list[BaseRoute]:
         Route(users, get_user, methods=["GET"]),
         Route(users + "/revoke", revoke, methods=["POST"]),
         Route(users + "/expire-tokens", expire_tokens, methods=["POST"]),
+        Route(users + "/tokens", list_tokens, methods=["GET"]),
         Route(users + "/timeline", add_item, methods=["POST"]),
         Route(users + "/timeline/{itemId}", get_item, methods=["GET"]),
         Route(

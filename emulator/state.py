@@ -213,6 +213,16 @@ class Emulator:
 
         return self.users[access.user_id]
 
+    def access_tokens(self, user: User) -> list[tuple[str, bool]]:
+        """Return every access token issued to the user, and whether it still works."""
+        clock = time.monotonic()
+
+        return [
+            (token, access.expires_at > clock)
+            for token, access in self._access_tokens.items()
+            if access.user_id == user.id
+        ]
+
     def token_owner(self, token: str | None) -> str | None:
         """Return whose token this is, valid or not (for the request record)."""
         access = self._access_tokens.get(token or "")

@@ -260,6 +260,12 @@ class EmulatorAdmin:
 
         return EmulatorUser(id=created["id"], credentials=created["credentials"])
 
+    def users(self) -> list[EmulatorUser]:
+        """Return every user the emulator has, with their credentials."""
+        items = self._call("GET", "/emulator/users")["items"]
+
+        return [EmulatorUser(id=u["id"], credentials=u["credentials"]) for u in items]
+
     def revoke(self, user: UserRef) -> None:
         """Revoke the user's grant: refreshing answers ``invalid_grant`` from now on."""
         self._call("POST", f"/emulator/users/{_user_id(user)}/revoke")
@@ -271,6 +277,12 @@ class EmulatorAdmin:
         )["expired"]
 
         return expired
+
+    def access_tokens(self, user: UserRef) -> list[str]:
+        """Return every access token issued to the user, expired ones included."""
+        answer = self._call("GET", f"/emulator/users/{_user_id(user)}/tokens")
+
+        return [entry["token"] for entry in answer["items"]]
 
     def access_token(self, user: EmulatorUser) -> str:
         """Return a fresh access token of the user, from the token endpoint."""

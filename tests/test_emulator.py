@@ -351,7 +351,7 @@ def test_subscriptions_insert_list_update_and_delete(service: Resource) -> None:
         "collection": "timeline",
         "callbackUrl": "https://glassware.example/notify",
         "userToken": "user-1",
-        "verifyToken": "secret",
+        "verifyToken": "verify-secret",
     }
 
     inserted = subscriptions.insert(body=body).execute()
@@ -490,6 +490,27 @@ def test_expired_token_is_refreshed_on_401(
         ("POST", "/oauth2/v4/token", 200),
         ("GET", f"/mirror/v1/timeline/{item['id']}", 200),
     ]
+
+
+def test_admin_lists_every_access_token_a_user_was_issued(
+    emulator: EmulatorAdmin,
+    mirror_user: EmulatorUser,
+    credentials: Credentials,
+    service: Resource,
+) -> None:
+    service.timeline().list().execute()
+    first = credentials.token
+    emulator.expire_tokens(mirror_user)
+    service.timeline().list().execute()
+    listed = httpx.get(f"{emulator.url}/emulator/users/{mirror_user.id}/tokens")
+
+    assert first != credentials.token
+    assert listed.json()["items"] == [
+        {"token": first, "live": False},
+        {"token": credentials.token, "live": True},
+    ]
+    assert emulator.access_tokens(mirror_user) == [first, credentials.token]
+    assert mirror_user.id in {user.id for user in emulator.users()}
 
 
 def test_short_token_lifetime_makes_the_client_refresh_before_calls(
@@ -666,7 +687,7 @@ async def test_delivery_answered_200_happens_once(
     callback_receiver: CallbackReceiver,
 ) -> None:
     emulator.subscribe(
-        mirror_user, callback_receiver.url, user_token="u", verify_token="v"
+        mirror_user, callback_receiver.url, user_token="u", verify_token="verify-v"
     )
     item = emulator.add_item(mirror_user, text="hi")
 
@@ -791,7 +812,10 @@ async def test_action_on_an_item_notifies_as_mirror_did(
     user_actions: list[dict[str, str]],
 ) -> None:
     emulator.subscribe(
-        mirror_user, callback_receiver.url, user_token="user-7", verify_token="s3cret"
+        mirror_user,
+        callback_receiver.url,
+        user_token="user-7",
+        verify_token="s3cret-verify",
     )
     item = emulator.add_item(mirror_user, text="card")
 
@@ -803,7 +827,7 @@ async def test_action_on_an_item_notifies_as_mirror_did(
         "itemId": item["id"],
         "operation": operation,
         "userToken": "user-7",
-        "verifyToken": "s3cret",
+        "verifyToken": "s3cret-verify",
         "userActions": user_actions,
     }
 

@@ -25,6 +25,7 @@ from emulator.testing import EmulatorAdmin
 from mirrorflow.settings import Settings
 from mirrorflow.subscribing import add_subscriber
 from tests.fixtures.pipeline import Pipeline, pipeline_settings
+from tests.fixtures.secrets import SecretRegistry
 from tests.fixtures.servers import free_port, serving
 from tests.test_pipeline import activity_starts, wait_for_activity
 from webhook.app import create_app
@@ -205,6 +206,7 @@ async def test_worker_serves_sdk_metrics_for_prometheus(
     task_queue: str,
     emulator: EmulatorAdmin,
     tmp_path: Path,
+    suite_secrets: SecretRegistry,
 ) -> None:
     settings = pipeline_settings(emulator, tmp_path, f"file://{tmp_path / 'objects'}")
     address = temporal_client.service_client.config.target_host
@@ -225,4 +227,5 @@ async def test_worker_serves_sdk_metrics_for_prometheus(
                 with contextlib.suppress(httpx.HTTPError):
                     text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
 
+    suite_secrets.observe("the worker's /metrics", text)
     assert "temporal_worker_task_slots_available" in text

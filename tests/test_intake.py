@@ -29,6 +29,7 @@ from temporalio.testing import WorkflowEnvironment
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
 from mirrorflow.temporal import DATA_CONVERTER
+from tests.fixtures.secrets import SecretRegistry
 from tests.fixtures.servers import free_port, serving
 from tests.test_webhook import CREDENTIALS, VERIFY_TOKEN, DevServer, ping, sample
 from webhook.app import create_app
@@ -345,19 +346,20 @@ class WebhookProcess:
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
-        """Start the webhook and wait until it answers."""
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "mirrorflow",
-            "webhook",
-            "--host=127.0.0.1",
-            f"--port={self.port}",
-            cwd=self.cwd,
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        """Start the webhook and wait until it answers; it logs to webhook.log."""
+        with (self.cwd / "webhook.log").open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "mirrorflow",
+                "webhook",
+                "--host=127.0.0.1",
+                f"--port={self.port}",
+                cwd=self.cwd,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 20
         async with httpx.AsyncClient(base_url=self.url) as http:
             while True:
@@ -403,7 +405,10 @@ async def _send_until_gone(url: str, acknowledged: set[str], limit: int) -> int:
 
 @pytest.mark.slow
 async def test_intake_keeps_every_acknowledged_ping_across_sigkills(
-    tmp_path: Path, temporal_env: WorkflowEnvironment, task_queue: str
+    tmp_path: Path,
+    temporal_env: WorkflowEnvironment,
+    task_queue: str,
+    suite_secrets: SecretRegistry,
 ) -> None:
     """SIGKILL the webhook mid-stream, again and again: no 200 is ever lost."""
     seed = random.randrange(2**32)
@@ -441,6 +446,12 @@ async def test_intake_keeps_every_acknowledged_ping_across_sigkills(
         await webhook.terminate()
 
     runs = await runs_once_visible(temporal_env.client, task_queue, acknowledged)
+    # The verify token of every ping must be in neither, deleted rows included.
+    for name in ("webhook.log", "intake.db", "intake.db-wal"):
+        if (tmp_path / name).exists():
+            suite_secrets.observe(
+                f"the killed webhook's {name}", (tmp_path / name).read_bytes()
+            )
     assert len(acknowledged) >= 4 * 30, f"seed {seed}"
     assert ready["intake"]["backlog"] == 0, f"seed {seed}"
     assert acknowledged - runs.keys() == set(), f"seed {seed}"

@@ -819,13 +819,18 @@ def started(metrics: str) -> int:
 
 @pytest.mark.session_end
 async def test_suite_leaks_no_secret_into_histories_logs_or_metrics(
-    temporal_env: WorkflowEnvironment, suite_secrets: SecretRegistry
+    temporal_env: WorkflowEnvironment,
+    emulator_session: EmulatorAdmin,
+    suite_secrets: SecretRegistry,
 ) -> None:
     """After every other test: no secret in any history, log line or metrics page.
 
     The secrets are those the suite registered (verify tokens, refresh and
-    access tokens of every pipeline and fuzz test) and the fixed ones other
-    test modules use. The histories are every run of the session's dev server.
+    access tokens of every pipeline and fuzz test), the fixed ones other test
+    modules use, and every token the session's emulator issued or delivered:
+    each user's refresh token, every access token it handed out (refreshed
+    ones too) and the verify token of every notification it sent. The
+    histories are every run of the session's dev server.
     """
     suite_secrets.add(
         test_webhook.VERIFY_TOKEN,
@@ -834,6 +839,11 @@ async def test_suite_leaks_no_secret_into_histories_logs_or_metrics(
         test_webhook_fuzz.VERIFY_TOKEN,
         DEFAULT_CLIENT_SECRET,
     )
+    for user in emulator_session.users():
+        suite_secrets.add(user.credentials["refresh_token"])
+        suite_secrets.add(*emulator_session.access_tokens(user))
+    for attempt in emulator_session.deliveries():
+        suite_secrets.add(attempt["body"].get("verifyToken"))
     client = temporal_env.client
     executions = [execution async for execution in client.list_workflows()]
     gate = asyncio.Semaphore(16)
