@@ -501,6 +501,64 @@ async def test_notify_refuses_a_body_that_trickles_in_too_slowly(
     assert starts(app) == (0, 0)
 
 
+async def _exchange(url: str, *parts: bytes) -> bytes:
+    """Send ``parts`` on one connection, reading the answer after each; return all.
+
+    After each part the answer is read until it ends or the server closes the
+    connection; the last part's is read until the server closes it.
+    """
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    received = b""
+    try:
+        for number, part in enumerate(parts, 1):
+            writer.write(part)
+            await writer.drain()
+            if number < len(parts):
+                received += await asyncio.wait_for(reader.readuntil(b"}"), 10)
+        received += await asyncio.wait_for(reader.read(), 10)
+    finally:
+        writer.close()
+
+    return received
+
+
+HALF_A_HEAD = b"POST /notify HTTP/1.1\r\nhost: webhook\r\ncontent-type: appl"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        pytest.param([b""], id="nothing"),
+        pytest.param([HALF_A_HEAD], id="half_a_head"),
+        pytest.param(
+            [b"GET /healthz HTTP/1.1\r\nhost: webhook\r\n\r\n", HALF_A_HEAD],
+            id="half_the_next_head",
+        ),
+    ],
+)
+async def test_served_webhook_closes_a_connection_whose_head_is_late(
+    app: Starlette, parts: list[bytes]
+) -> None:
+    """A connection that stalls before its headers end is answered 408 and closed,
+    while a ping on another connection is accepted."""
+    config = webhook_app.server_config(app, "127.0.0.1", 0, head_timeout=0.5)
+    async with serving(app, config) as url, httpx.AsyncClient(base_url=url) as http:
+        stalled = asyncio.create_task(_exchange(url, *parts))
+        accepted = await http.post("/notify", json=ping())
+        received = await stalled
+
+    last = received[received.rindex(b"HTTP/1.1 ") :]
+    head, _, body = last.partition(b"\r\n\r\n")
+    assert accepted.status_code == 200
+    assert received.count(b"HTTP/1.1 ") == len(parts)
+    assert head.splitlines()[0] == b"HTTP/1.1 408 Request Timeout"
+    assert json.loads(body) == {
+        "error": "The request line and headers did not arrive within 0.5 s."
+    }
+    assert sample(app, "mirrorflow_webhook_head_timeouts_total") == 1
+
+
 async def test_notify_refuses_oversize_bodies_over_http(app: Starlette) -> None:
     """Over a real connection, too large is answered whether declared or not."""
     async with serving(app) as url, httpx.AsyncClient(base_url=url) as http:

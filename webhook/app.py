@@ -56,6 +56,7 @@ from webhook.deadlines import Deadlines
 from webhook.intake import Forwarder, IntakeError, IntakeLog
 from webhook.metrics import WebhookMetrics
 from webhook.notifications import MAX_BODY_BYTES, NotificationError, parse_notification
+from webhook.protocol import HEAD_TIMEOUT, head_deadline_protocol
 from webhook.senders import SenderCheck, Verdict
 from workflows.models import (
     WORKFLOW_NAME,
@@ -587,11 +588,28 @@ async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> 
     # protobuf, pydantic) in the middle of some request: those pauses were
     # the webhook's p99.
     gc.freeze()
-    config = uvicorn.Config(
+    await uvicorn.Server(server_config(app, host, port)).serve()
+
+
+def server_config(
+    app: Starlette, host: str, port: int, *, head_timeout: float = HEAD_TIMEOUT
+) -> uvicorn.Config:
+    """Return how uvicorn serves the webhook app on ``host:port``.
+
+    A connection whose request line and headers take longer than
+    ``head_timeout`` seconds is answered 408 and closed.
+    """
+    webhook: Webhook = app.state.webhook
+
+    def head_timed_out() -> None:
+        webhook.metrics.head_timeouts.inc()
+        log.info("connection_closed", reason="head_timeout", timeout=head_timeout)
+
+    return uvicorn.Config(
         app,
         host=host,
         port=port,
-        http="auto",
+        http=head_deadline_protocol(head_timeout, head_timed_out),
         ws="none",
         lifespan="on",
         # The app logs one line per notification itself.
@@ -599,9 +617,8 @@ async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> 
         log_config=None,
         server_header=False,
         # Let requests in flight finish their start before the process ends.
-        timeout_graceful_shutdown=math.ceil(settings.start_deadline) + 1,
+        timeout_graceful_shutdown=math.ceil(webhook.settings.start_deadline) + 1,
     )
-    await uvicorn.Server(config).serve()
 
 
 def serve(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> None:

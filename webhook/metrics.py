@@ -73,6 +73,11 @@ class WebhookMetrics:
             ["reason"],
             registry=self.registry,
         )
+        self.head_timeouts = Counter(
+            "mirrorflow_webhook_head_timeouts",
+            "Connections closed because a request's head came too slowly.",
+            registry=self.registry,
+        )
 
         self.intake_appended = Counter(
             "mirrorflow_intake_appended",
