@@ -61,6 +61,9 @@ def create_worker(
         max_concurrent_activities=settings.max_concurrent_activities,
         max_concurrent_workflow_tasks=settings.max_concurrent_workflow_tasks,
         max_activities_per_second=settings.mirror_calls_per_second,
+        # An activity handed over eagerly, with the workflow task that
+        # scheduled it, skips the poller that the rate above limits.
+        disable_eager_activity_execution=settings.mirror_calls_per_second is not None,
         graceful_shutdown_timeout=timedelta(seconds=settings.graceful_shutdown),
     )
 

@@ -35,6 +35,9 @@ The server keeps a pending activity's last failure whole up to 4 KiB; past
 that the UI shows "Failure exceeds size limit." in place of the message.
 """
 
+_CUT = "  ... "
+"""How a cut stack trace begins: this, the number of lines cut, " lines cut"."""
+
 
 class TrimmedFailureConverter(DefaultFailureConverter):
     """Fit each failure within :data:`FAILURE_BUDGET` by cutting stack traces.
@@ -71,9 +74,6 @@ def trim_stack_traces(failure: Failure, budget: int) -> None:
         kept = lines[len(lines) // 2 :]
         cut += len(lines) - len(kept)
         longest.stack_trace = "\n".join([f"{_CUT}{cut} lines cut", *kept])
-
-
-_CUT = "  ... "
 
 
 DATA_CONVERTER: DataConverter = dataclasses.replace(

@@ -395,3 +395,44 @@ async def test_pipeline_gives_up_on_a_video_that_never_finishes_processing(
         assert "MIRRORFLOW_PROCESSING_TIMEOUT" in failure.message
         assert await activity_attempts(handle, "fetch_attachment") > 1
         assert pipeline.storage.list() == []
+
+
+async def test_worker_starts_activities_no_faster_than_mirror_calls_per_second(
+    temporal_client: Client, task_queue: str, emulator: EmulatorAdmin, tmp_path: Path
+) -> None:
+    """Four runs of four activities at 2 per second: no second holds more than 4."""
+    rate = 2
+    settings = pipeline_settings(
+        emulator,
+        tmp_path,
+        f"file://{tmp_path / 'objects'}",
+        mirror_calls_per_second=rate,
+    )
+    async for pipeline in run_pipeline(temporal_client, task_queue, emulator, settings):
+        notifications = []
+        for _ in range(4):
+            subscribed = pipeline.subscribe()
+            shared = pipeline.emulator.share(
+                subscribed.user, pipeline.remember(os.urandom(1_000))
+            )
+            notifications.append(subscribed.notification(shared["item"]["id"], "SHARE"))
+        handles = [await pipeline.start(n) for n in notifications]
+        results = await asyncio.gather(*(handle.result() for handle in handles))
+        started = sorted(
+            [time for handle in handles for time in await activity_start_times(handle)]
+        )
+
+    assert [result.outcome for result in results] == [Outcome.STORED] * 4
+    assert len(started) == 16
+    # The limit lets a burst of up to one second's worth through at once.
+    busiest = max(sum(1 for t in started if s <= t < s + 1) for s in started)
+    assert busiest <= 2 * rate, [round(t - started[0], 3) for t in started]
+
+
+async def activity_start_times(handle: WorkflowHandle[Any, Any]) -> list[float]:
+    """Return when each activity of a run started, in seconds since the epoch."""
+    return [
+        event.event_time.ToMicroseconds() / 1e6
+        async for event in handle.fetch_history_events()
+        if event.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED
+    ]
