@@ -504,8 +504,8 @@ async def test_notify_refuses_a_body_that_trickles_in_too_slowly(
 async def _exchange(url: str, *parts: bytes) -> bytes:
     """Send ``parts`` on one connection, reading the answer after each; return all.
 
-    After each part the answer is read until it ends or the server closes the
-    connection; the last part's is read until the server closes it.
+    After each part but the last, the answer is read to the end of its JSON
+    body; after the last, until the server closes the connection.
     """
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
