@@ -101,7 +101,7 @@ def process_pipeline(
     temporal_client: Client, task_queue: str, emulator: EmulatorAdmin, tmp_path: Path
 ) -> Pipeline:
     """Return a pipeline whose worker the test runs as a child process."""
-    settings = pipeline_settings(emulator, tmp_path, f"file://{tmp_path / 'objects'}")
+    settings = pipeline_settings(emulator, tmp_path)
 
     return Pipeline(
         client=temporal_client,
@@ -208,7 +208,7 @@ async def test_worker_serves_sdk_metrics_for_prometheus(
     tmp_path: Path,
     suite_secrets: SecretRegistry,
 ) -> None:
-    settings = pipeline_settings(emulator, tmp_path, f"file://{tmp_path / 'objects'}")
+    settings = pipeline_settings(emulator, tmp_path)
     address = temporal_client.service_client.config.target_host
     port = free_port()
 

@@ -369,9 +369,7 @@ async def test_pipeline_rides_out_a_storage_outage(
 async def test_pipeline_gives_up_on_a_video_that_never_finishes_processing(
     temporal_client: Client, task_queue: str, emulator: EmulatorAdmin, tmp_path: Path
 ) -> None:
-    settings = pipeline_settings(
-        emulator, tmp_path, f"file://{tmp_path / 'objects'}", processing_timeout=4.0
-    )
+    settings = pipeline_settings(emulator, tmp_path, processing_timeout=4.0)
     async for pipeline in run_pipeline(temporal_client, task_queue, emulator, settings):
         subscribed = pipeline.subscribe()
         shared = pipeline.emulator.share(
@@ -405,7 +403,6 @@ async def test_worker_starts_activities_no_faster_than_mirror_calls_per_second(
     settings = pipeline_settings(
         emulator,
         tmp_path,
-        f"file://{tmp_path / 'objects'}",
         mirror_calls_per_second=rate,
     )
     async for pipeline in run_pipeline(temporal_client, task_queue, emulator, settings):

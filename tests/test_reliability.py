@@ -63,7 +63,6 @@ async def fault_pipeline(
     settings = pipeline_settings(
         emulator,
         tmp_path,
-        f"file://{tmp_path / 'objects'}",
         mirror_timeout=MIRROR_TIMEOUT,
     )
     async for running in run_pipeline(temporal_client, task_queue, emulator, settings):
@@ -440,7 +439,6 @@ async def test_acknowledged_batch_survives_its_worker_being_killed(
     settings = pipeline_settings(
         emulator,
         tmp_path,
-        f"file://{tmp_path / 'objects'}",
         temporal_task_queue=task_queue,
     )
     storage = open_storage(settings.storage_url)
@@ -531,7 +529,6 @@ async def test_runs_in_flight_survive_a_temporal_restart(
     settings = pipeline_settings(
         emulator,
         tmp_path,
-        f"file://{tmp_path / 'objects'}",
         temporal_task_queue=task_queue,
         start_deadline=1.0,
     )
