@@ -156,6 +156,21 @@ def wrk(url: str, seconds: float) -> dict[str, Any]:
     ).as_dict()
 
 
+async def warm_up(url: str) -> None:
+    """Send pings over one connection for 2 s.
+
+    The first requests after a start pay for imports and connections; a
+    webhook measured without a wrk run first gets these instead.
+    """
+    await asyncio.to_thread(
+        load.run_wrk,
+        url + "/notify",
+        run_id=uuid.uuid4().hex[:8] + "-warm",
+        connections=1,
+        seconds=2,
+    )
+
+
 def answered_200(summary: load.Summary) -> int:
     """Return how many 200s a wrk run counted."""
     return summary.requests - summary.statuses["non-2xx"]
@@ -257,15 +272,8 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
             if mode == "direct":
                 result["wrk"] = await asyncio.to_thread(wrk, url, options.seconds)
             else:
-                # Warm up as the others were by their wrk runs: the first
-                # requests after a start pay for imports and connections.
-                await asyncio.to_thread(
-                    load.run_wrk,
-                    url + "/notify",
-                    run_id=uuid.uuid4().hex[:8] + "-warm",
-                    connections=1,
-                    seconds=2,
-                )
+                # As the others were warmed up by their wrk runs.
+                await warm_up(url)
             prefix = uuid.uuid4().hex[:8]
             result["rate"] = await offer(url, prefix, options.rate, options.seconds)
             acked = list(result["rate"]["acked"])

@@ -14,14 +14,12 @@ alternate because this machine's speed drifts within minutes.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 import time
 import uuid
 from pathlib import Path
 from typing import Any
 
-from bench import load
 from bench.harness import (
     HOST,
     Children,
@@ -34,7 +32,7 @@ from bench.harness import (
     start_temporal,
     start_webhook,
 )
-from bench.intake import drain, offer
+from bench.intake import drain, offer, warm_up
 from bench.report import Cell, markdown_table, save
 
 
@@ -72,13 +70,7 @@ async def turn(
         intake_forward_concurrency=str(max(concurrency, 1)),
     )
     webhook, url = await start_webhook(children, env, name=f"webhook-c{concurrency}")
-    await asyncio.to_thread(
-        load.run_wrk,
-        url + "/notify",
-        run_id=uuid.uuid4().hex[:8] + "-warm",
-        connections=1,
-        seconds=2,
-    )
+    await warm_up(url)
     if concurrency:
         await drain(url)
     summary = await offer(url, uuid.uuid4().hex[:8], options.rate, options.seconds)
