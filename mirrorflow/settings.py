@@ -72,6 +72,7 @@ class Settings(BaseSettings):
     intake_max_backlog: PositiveInt = 100_000
     intake_max_bytes: PositiveInt = 256 * 1024 * 1024
     intake_forward_concurrency: PositiveInt = 32
+    intake_forward_rate: PositiveFloat | None = None
 
     # Worker
     max_concurrent_activities: PositiveInt = 20

@@ -37,6 +37,9 @@ def test_settings_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         pytest.param(
             "MIRRORFLOW_CALLBACK_URL", "notify", "http:// or https://", id="callback"
         ),
+        pytest.param(
+            "MIRRORFLOW_INTAKE_FORWARD_RATE", "0", "greater than 0", id="forward-rate"
+        ),
         pytest.param("MIRRORFLOW_TEMPORAL_TLS", "perhaps", "boolean", id="tls"),
         pytest.param(
             "MIRRORFLOW_WEBHOOK_PATH", "/readyz", "webhook's own route", id="path"

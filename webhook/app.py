@@ -181,6 +181,7 @@ class Webhook:
                 self.intake,
                 self._start_workflow,
                 concurrency=self.settings.intake_forward_concurrency,
+                rate=self.settings.intake_forward_rate,
                 metrics=self.metrics,
                 busy=lambda: self._requests_in_flight >= BUSY_REQUESTS,
             )

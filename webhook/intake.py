@@ -442,6 +442,8 @@ class Forwarder:
         start: starts one notification's workflow; raises when Temporal does
             not accept the start.
         concurrency: starts in flight at once.
+        rate: starts begun per second at most; None for as fast as Temporal
+            accepts them.
         metrics: where forwarded notifications and refusals are counted.
         busy: tells whether requests are piling up in the webhook. While
             they are, the forwarder starts one workflow at a time, a pause
@@ -456,6 +458,7 @@ class Forwarder:
         *,
         concurrency: int,
         metrics: WebhookMetrics,
+        rate: float | None = None,
         busy: Callable[[], bool] = lambda: False,
     ) -> None:
         self._intake = intake
@@ -463,6 +466,8 @@ class Forwarder:
         self._metrics = metrics
         self._busy = busy
         self._slots = asyncio.Semaphore(concurrency)
+        self._interval = 1 / rate if rate else 0.0
+        self._next_start = 0.0
         self._cursor = 0
         self._retry: list[Entry] = []
         self._in_flight: set[asyncio.Task[bool]] = set()
@@ -501,6 +506,7 @@ class Forwarder:
                 # Try the oldest alone, so that a Temporal that is down costs
                 # one failed start per backoff rather than one per row.
                 head, entries = entries[0], entries[1:]
+                await self._pace()
                 if not await self._forward(head):
                     self._retry.extend(entries)
                     continue
@@ -509,6 +515,7 @@ class Forwarder:
                 paced = self._busy()
                 if paced:
                     await asyncio.sleep(BUSY_PAUSE)
+                await self._pace()
                 await self._slots.acquire()
                 if self._backoff:
                     self._slots.release()
@@ -523,6 +530,19 @@ class Forwarder:
                 # One start begins per turn of the event loop, between the
                 # requests, rather than a batch of them all at once.
                 await asyncio.sleep(0)
+
+    async def _pace(self) -> None:
+        """Wait for the next start's turn under the rate limit, if any."""
+        if not self._interval:
+            return
+        now = time.monotonic()
+        wait = self._next_start - now
+        # Reserve the turn before sleeping, counted from the turn before it
+        # rather than from the wake-up, so that timer slack does not lower
+        # the rate.
+        self._next_start = max(self._next_start, now) + self._interval
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _next_entries(self) -> list[Entry]:
         while True:
