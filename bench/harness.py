@@ -211,6 +211,21 @@ class Children:
         self.stop_all()
 
 
+def stolen_seconds() -> float:
+    """Return the CPU time the hypervisor gave to others, summed over CPUs.
+
+    A virtual machine's CPUs wait while the host runs other guests ("steal"
+    in ``/proc/stat``); a benchmark run through much of it measures the
+    neighbours as well as the code.
+    """
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+
+    return int(fields[8]) / CLOCK_TICKS if len(fields) > 8 else 0.0
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds each child used between :meth:`start` and :meth:`stop`."""
@@ -218,13 +233,17 @@ class CpuMeter:
     children: list[Child]
     _before: dict[str, float] = field(default_factory=dict)
     _began: float = 0.0
+    _stolen_before: float = 0.0
     used: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    stolen: float = 0.0
+    """CPU seconds the machine's CPUs lost to the hypervisor, all together."""
 
     def start(self) -> None:
         """Take the first reading."""
         self._before = {child.name: child.cpu_seconds() for child in self.children}
         self._before["bench"] = time.process_time()
+        self._stolen_before = stolen_seconds()
         self._began = time.perf_counter()
 
     def stop(self) -> dict[str, float]:
@@ -232,9 +251,14 @@ class CpuMeter:
         self.seconds = time.perf_counter() - self._began
         after = {child.name: child.cpu_seconds() for child in self.children}
         after["bench"] = time.process_time()
+        self.stolen = stolen_seconds() - self._stolen_before
         self.used = {name: after[name] - self._before[name] for name in after}
 
         return self.percent()
+
+    def stolen_percent(self) -> float:
+        """Return the CPU time lost to the hypervisor, in percent of one core."""
+        return round(100 * self.stolen / self.seconds, 1) if self.seconds else 0.0
 
     def percent(self) -> dict[str, float]:
         """Return each process's CPU use as a percentage of one core."""

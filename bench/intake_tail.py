@@ -1,14 +1,20 @@
 """Measure the log webhook's ack tail at a steady rate, by forward concurrency.
 
 On one in-memory dev server with no worker, log webhooks that differ only in
-``MIRRORFLOW_INTAKE_FORWARD_CONCURRENCY`` take turns: each is started fresh,
+``MIRRORFLOW_INTAKE_FORWARD_CONCURRENCY`` (and, written ``32@50``, in
+``MIRRORFLOW_INTAKE_FORWARD_RATE``) take turns: each is started fresh,
 warmed up, offered ``--rate`` fresh notifications per second for
 ``--seconds`` (open loop), then left to forward all of them. A turn reports
-its answer latencies and how long forwarding took; ``0`` stands for a
-webhook whose Temporal is out of reach, so that nothing is forwarded. Turns
-alternate because this machine's speed drifts within minutes.
+its answer latencies, how long forwarding took, the CPU each process used
+while offered, and the CPU time the hypervisor gave to other guests
+("stolen"). ``0`` stands for a webhook whose Temporal is out of reach, so
+that nothing is forwarded, and ``bare`` for the bare Starlette app
+(:mod:`bench.apps`): what this machine does at the same rate with no
+mirrorflow code at all. Turns alternate because this machine's speed drifts
+within minutes.
 
-    python -m bench.intake_tail --concurrency 32,1,0 --rounds 3
+    python -m bench.intake_tail --concurrency 32,0,bare --rounds 5
+    python -m bench.intake_tail --concurrency 32,32@50,0 --rounds 4
 """
 
 from __future__ import annotations
@@ -22,13 +28,17 @@ from typing import Any
 
 from bench.harness import (
     HOST,
+    Child,
     Children,
+    CpuMeter,
+    Temporal,
     add_bench_subscriber,
     free_port,
     mirrorflow_env,
     raise_file_limit,
     results_folder,
     run_async,
+    start_bare,
     start_temporal,
     start_webhook,
 )
@@ -42,7 +52,10 @@ def parse_options() -> argparse.Namespace:
     parser.add_argument(
         "--concurrency",
         default="32,1",
-        help="forward concurrencies to compare, comma-separated; 0: no Temporal",
+        help=(
+            "forward concurrencies to compare, comma-separated; 0: no Temporal; "
+            "32@50: 32 at most 50 starts per second"
+        ),
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
@@ -54,56 +67,85 @@ def parse_options() -> argparse.Namespace:
 async def turn(
     children: Children,
     folder: Path,
-    temporal_address: str,
-    concurrency: int,
+    temporal: Temporal,
+    variant: str,
     options: argparse.Namespace,
 ) -> dict[str, Any]:
     """Start a log webhook, offer it the rate, wait until it forwarded all."""
+    if variant == "bare":
+        return await bare_turn(children, temporal, options)
+    concurrency_text, _, rate = variant.partition("@")
+    concurrency = int(concurrency_text)
     database = folder / f"subscribers-{uuid.uuid4().hex[:8]}.db"
     add_bench_subscriber(database)
     env = mirrorflow_env(
-        temporal_address=temporal_address if concurrency else f"{HOST}:{free_port()}",
+        temporal_address=temporal.address if concurrency else f"{HOST}:{free_port()}",
         temporal_task_queue=f"bench-tail-{uuid.uuid4().hex[:8]}",
         database_url=f"sqlite:///{database}",
         intake="log",
         intake_path=str(folder / f"intake-{uuid.uuid4().hex[:8]}.db"),
         intake_forward_concurrency=str(max(concurrency, 1)),
     )
-    webhook, url = await start_webhook(children, env, name=f"webhook-c{concurrency}")
+    if rate:
+        env["MIRRORFLOW_INTAKE_FORWARD_RATE"] = rate
+    webhook, url = await start_webhook(children, env, name="webhook")
     await warm_up(url)
     if concurrency:
         await drain(url)
-    summary = await offer(url, uuid.uuid4().hex[:8], options.rate, options.seconds)
+    summary = await offered(webhook, url, temporal, options)
     began = time.monotonic()
     if concurrency:
         await drain(url)
     webhook.check_alive()
     children.stop(webhook)
-    summary.pop("acked")
 
     return {
         **summary,
-        "concurrency": concurrency,
+        "variant": variant if concurrency else "none (no Temporal)",
         "forward_seconds": round(time.monotonic() - began, 1) if concurrency else None,
     }
+
+
+async def bare_turn(
+    children: Children, temporal: Temporal, options: argparse.Namespace
+) -> dict[str, Any]:
+    """Offer the bare app the rate, with the dev server idle beside it."""
+    app, url = await start_bare(children, name="webhook")
+    await warm_up(url)
+    summary = await offered(app, url, temporal, options)
+    app.check_alive()
+    children.stop(app)
+
+    return {**summary, "variant": "bare app", "forward_seconds": None}
+
+
+async def offered(
+    app: Child, url: str, temporal: Temporal, options: argparse.Namespace
+) -> dict[str, Any]:
+    """Offer the rate; return the answers' summary and the CPU it took."""
+    meter = CpuMeter([app, temporal.child])
+    meter.start()
+    summary = await offer(url, uuid.uuid4().hex[:8], options.rate, options.seconds)
+    summary["cpu_percent"] = meter.stop()
+    summary["stolen_percent"] = meter.stolen_percent()
+    summary.pop("acked")
+
+    return summary
 
 
 async def run(options: argparse.Namespace) -> dict[str, Any]:
     """Take the turns; return them."""
     raise_file_limit()
-    concurrencies = [int(value) for value in options.concurrency.split(",")]
+    variants = options.concurrency.split(",")
     turns: list[dict[str, Any]] = []
     with results_folder("intake-tail") as folder, Children(folder) as children:
         temporal = await start_temporal(children, on_disk=False)
         for number in range(1, options.rounds + 1):
-            for concurrency in concurrencies:
-                result = await turn(
-                    children, folder, temporal.address, concurrency, options
-                )
+            for variant in variants:
+                result = await turn(children, folder, temporal, variant, options)
                 turns.append({"round": number, **result})
                 print(
-                    f"round {number}, concurrency {concurrency}: "
-                    f"p99 {result['p99_ms']} ms",
+                    f"round {number}, {result['variant']}: p99 {result['p99_ms']} ms",
                     flush=True,
                 )
 
@@ -115,37 +157,41 @@ def report(results: dict[str, Any]) -> str:
     rows: list[list[Cell]] = [
         [
             t["round"],
-            t["concurrency"] or "none (no Temporal)",
+            t["variant"],
             t["p50_ms"],
             t["p90_ms"],
             t["p99_ms"],
             t["max_ms"],
             t["errors"],
             t["forward_seconds"],
+            t["cpu_percent"]["webhook"],
+            t["cpu_percent"]["temporal"],
+            t["cpu_percent"]["bench"],
+            t["stolen_percent"],
         ]
         for t in results["turns"]
     ]
     table = markdown_table(
         [
             "round",
-            "forward concurrency",
+            "forward concurrency[@rate]",
             "p50 ms",
             "p90 ms",
             "p99 ms",
             "max ms",
             "non-200",
             "forwarded in s",
+            "webhook CPU %",
+            "Temporal CPU %",
+            "load CPU %",
+            "stolen %",
         ],
         rows,
     )
     medians = []
-    for concurrency in dict.fromkeys(t["concurrency"] for t in results["turns"]):
-        p99s = [
-            t["p99_ms"] for t in results["turns"] if t["concurrency"] == concurrency
-        ]
-        medians.append(
-            f"concurrency {concurrency}: median p99 {statistics.median(p99s)} ms"
-        )
+    for variant in dict.fromkeys(t["variant"] for t in results["turns"]):
+        p99s = [t["p99_ms"] for t in results["turns"] if t["variant"] == variant]
+        medians.append(f"{variant}: median p99 {statistics.median(p99s):.1f} ms")
 
     return table + "\n\n" + "; ".join(medians) + "."
 
