@@ -11,15 +11,20 @@ while offered, and the CPU time the hypervisor gave to other guests
 that nothing is forwarded, and ``bare`` for the bare Starlette app
 (:mod:`bench.apps`): what this machine does at the same rate with no
 mirrorflow code at all. Turns alternate because this machine's speed drifts
-within minutes.
+within minutes. A variant written ``32+pin`` runs with the webhook's threads
+on the first CPU and every other process of the benchmark (the dev server,
+the load generator) on the rest: the webhook with a core of its own, as on
+a machine it does not share with Temporal.
 
     python -m bench.intake_tail --concurrency 32,0,bare --rounds 5
+    python -m bench.intake_tail --concurrency 32,32+pin --rounds 4
     python -m bench.intake_tail --concurrency 32,32@50,0 --rounds 4
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 import uuid
@@ -35,6 +40,7 @@ from bench.harness import (
     add_bench_subscriber,
     free_port,
     mirrorflow_env,
+    pin_threads,
     raise_file_limit,
     results_folder,
     run_async,
@@ -74,7 +80,8 @@ async def turn(
     """Start a log webhook, offer it the rate, wait until it forwarded all."""
     if variant == "bare":
         return await bare_turn(children, temporal, options)
-    concurrency_text, _, rate = variant.partition("@")
+    spec, pinned, _ = variant.partition("+pin")
+    concurrency_text, _, rate = spec.partition("@")
     concurrency = int(concurrency_text)
     database = folder / f"subscribers-{uuid.uuid4().hex[:8]}.db"
     add_bench_subscriber(database)
@@ -89,6 +96,7 @@ async def turn(
     if rate:
         env["MIRRORFLOW_INTAKE_FORWARD_RATE"] = rate
     webhook, url = await start_webhook(children, env, name="webhook")
+    share_cpus(webhook, temporal, own_core=bool(pinned))
     await warm_up(url)
     if concurrency:
         await drain(url)
@@ -101,7 +109,7 @@ async def turn(
 
     return {
         **summary,
-        "variant": variant if concurrency else "none (no Temporal)",
+        "variant": variant if concurrency else f"none (no Temporal){pinned}",
         "forward_seconds": round(time.monotonic() - began, 1) if concurrency else None,
     }
 
@@ -111,12 +119,22 @@ async def bare_turn(
 ) -> dict[str, Any]:
     """Offer the bare app the rate, with the dev server idle beside it."""
     app, url = await start_bare(children, name="webhook")
+    share_cpus(app, temporal, own_core=False)
     await warm_up(url)
     summary = await offered(app, url, temporal, options)
     app.check_alive()
     children.stop(app)
 
     return {**summary, "variant": "bare app", "forward_seconds": None}
+
+
+def share_cpus(app: Child, temporal: Temporal, *, own_core: bool) -> None:
+    """Give the app the first CPU alone, or let everything run anywhere."""
+    everywhere = set(range(os.cpu_count() or 1))
+    rest = everywhere - {0} if own_core and len(everywhere) > 1 else everywhere
+    pin_threads(app.pid, {0} if own_core else everywhere)
+    for pid in (temporal.child.pid, os.getpid()):
+        pin_threads(pid, rest)
 
 
 async def offered(
