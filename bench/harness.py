@@ -236,6 +236,20 @@ def pin_threads(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task.name), cpus)
 
 
+def share_cpus(app: Child, others: list[Child], *, own_core: bool) -> None:
+    """Give ``app`` the first CPU alone, the rest to ``others`` and this process.
+
+    With ``own_core`` False, every one of them may run on any CPU again. The
+    app alone on a core is how it runs on a machine it does not share with
+    Temporal's server.
+    """
+    everywhere = set(range(os.cpu_count() or 1))
+    rest = everywhere - {0} if own_core and len(everywhere) > 1 else everywhere
+    pin_threads(app.pid, {0} if own_core else everywhere)
+    for pid in (*(other.pid for other in others), os.getpid()):
+        pin_threads(pid, rest)
+
+
 @dataclass
 class CpuMeter:
     """CPU seconds each child used between :meth:`start` and :meth:`stop`."""

@@ -18,7 +18,9 @@ Then, in one run, on one Temporal dev server:
    ``MIRRORFLOW_INTAKE=direct`` under wrk at 64 connections (every request a
    fresh item), then each of them and the webhook with
    ``MIRRORFLOW_INTAKE=log`` offered 1,000 notifications per second open
-   loop;
+   loop; the log webhook once more, once its log is empty, with its threads
+   alone on the first CPU and everything else on the others, as on a
+   machine it does not share with Temporal;
 2. the webhook with the log, offered ten times the direct webhook's rate of
    200s measured in step 1 (ten times what Temporal takes from one webhook);
 3. the webhook with the log against a Temporal whose state is on disk,
@@ -59,6 +61,7 @@ from bench.harness import (
     raise_file_limit,
     results_folder,
     run_async,
+    share_cpus,
     start_bare,
     start_temporal,
     start_webhook,
@@ -278,6 +281,14 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
             result["rate"] = await offer(url, prefix, options.rate, options.seconds)
             acked = list(result["rate"]["acked"])
             if mode == "log":
+                # Again from an empty log, with the webhook on a core of its own.
+                await drain(url)
+                share_cpus(webhook, [temporal.child], own_core=True)
+                result["rate_own_core"] = await offer(
+                    url, prefix + "-own-core", options.rate, options.seconds
+                )
+                share_cpus(webhook, [temporal.child], own_core=False)
+                acked += result["rate_own_core"]["acked"]
                 factor_rate = 10 * results["direct"]["wrk"]["per_second"]
                 result["overload"] = await offer(
                     url, prefix + "-over", factor_rate, options.seconds
@@ -384,9 +395,13 @@ def report(results: dict[str, Any]) -> str:
             f"{run['rate']['p99_ms']} | {run['rate']['errors']} |"
         )
     log_run = steady["log"]
+    own = log_run["rate_own_core"]
     over = log_run["overload"]
     lines += [
         "",
+        f"Log, {own['offered_per_second']:.0f}/s offered again with the webhook "
+        f"on a core of its own: p50 {own['p50_ms']} ms, p99 {own['p99_ms']} ms, "
+        f"statuses {own['statuses']}.",
         f"Overload (log): {over['offered_per_second']:.0f}/s offered "
         f"(10x direct), p50 {over['p50_ms']} ms, p99 {over['p99_ms']} ms, "
         f"statuses {over['statuses']}; drained in {log_run['drain_seconds']} s; "
@@ -425,6 +440,7 @@ def main() -> None:
         results["steady"]["bare"]["rate"],
         results["steady"]["direct"]["rate"],
         results["steady"]["log"]["rate"],
+        results["steady"]["log"]["rate_own_core"],
         results["steady"]["log"]["overload"],
         results.get("outage", {}).get("stream", {}),
     ):

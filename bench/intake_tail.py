@@ -24,7 +24,6 @@ a machine it does not share with Temporal.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 import uuid
@@ -40,10 +39,10 @@ from bench.harness import (
     add_bench_subscriber,
     free_port,
     mirrorflow_env,
-    pin_threads,
     raise_file_limit,
     results_folder,
     run_async,
+    share_cpus,
     start_bare,
     start_temporal,
     start_webhook,
@@ -96,7 +95,7 @@ async def turn(
     if rate:
         env["MIRRORFLOW_INTAKE_FORWARD_RATE"] = rate
     webhook, url = await start_webhook(children, env, name="webhook")
-    share_cpus(webhook, temporal, own_core=bool(pinned))
+    share_cpus(webhook, [temporal.child], own_core=bool(pinned))
     await warm_up(url)
     if concurrency:
         await drain(url)
@@ -119,22 +118,13 @@ async def bare_turn(
 ) -> dict[str, Any]:
     """Offer the bare app the rate, with the dev server idle beside it."""
     app, url = await start_bare(children, name="webhook")
-    share_cpus(app, temporal, own_core=False)
+    share_cpus(app, [temporal.child], own_core=False)
     await warm_up(url)
     summary = await offered(app, url, temporal, options)
     app.check_alive()
     children.stop(app)
 
     return {**summary, "variant": "bare app", "forward_seconds": None}
-
-
-def share_cpus(app: Child, temporal: Temporal, *, own_core: bool) -> None:
-    """Give the app the first CPU alone, or let everything run anywhere."""
-    everywhere = set(range(os.cpu_count() or 1))
-    rest = everywhere - {0} if own_core and len(everywhere) > 1 else everywhere
-    pin_threads(app.pid, {0} if own_core else everywhere)
-    for pid in (temporal.child.pid, os.getpid()):
-        pin_threads(pid, rest)
 
 
 async def offered(
