@@ -58,8 +58,9 @@ def parse_options() -> argparse.Namespace:
         "--concurrency",
         default="32,1",
         help=(
-            "forward concurrencies to compare, comma-separated; 0: no Temporal; "
-            "32@50: 32 at most 50 starts per second"
+            "turns to compare, comma-separated: a forward concurrency (0: no "
+            "Temporal), 32@50 for at most 50 starts per second, 32+pin for the "
+            "webhook on a core of its own, bare for the bare app"
         ),
     )
     parser.add_argument("--rounds", type=int, default=3)
@@ -182,7 +183,7 @@ def report(results: dict[str, Any]) -> str:
     table = markdown_table(
         [
             "round",
-            "forward concurrency[@rate]",
+            "turn",
             "p50 ms",
             "p90 ms",
             "p99 ms",
