@@ -236,6 +236,17 @@ def pin_threads(pid: int, cpus: set[int]) -> None:
             os.sched_setaffinity(int(task.name), cpus)
 
 
+def nice_threads(pid: int, niceness: int) -> None:
+    """Set every thread of a process to ``niceness`` (Linux: it is per thread).
+
+    Threads it starts later inherit it from the thread that starts them.
+    Lowering it again needs root or ``CAP_SYS_NICE``.
+    """
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, int(task.name), niceness)
+
+
 def share_cpus(app: Child, others: list[Child], *, own_core: bool) -> None:
     """Give ``app`` the first CPU alone, the rest to ``others`` and this process.
 

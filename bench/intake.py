@@ -44,6 +44,7 @@ import sqlite3
 import statistics
 import time
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from temporalio.client import Client
 from bench import load, profile
 from bench.harness import (
     HOST,
+    Child,
     Children,
     add_bench_subscriber,
     free_port,
@@ -112,11 +114,20 @@ async def offer(url: str, prefix: str, rate: float, seconds: float) -> dict[str,
     return summary
 
 
-async def drain(url: str, within: float = 600) -> dict[str, Any]:
-    """Wait until the webhook's intake log is empty; return the readiness body."""
+async def drain(
+    url: str, watch: Sequence[Child], within: float = 600
+) -> dict[str, Any]:
+    """Wait until the webhook's intake log is empty; return the readiness body.
+
+    Raises:
+        BenchError: a process in ``watch`` (the webhook, the dev server it
+            forwards to) exited meanwhile.
+    """
     deadline = time.monotonic() + within
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         while True:
+            for child in watch:
+                child.check_alive()
             body: dict[str, Any] = (await http.get("/readyz")).json()
             if body["intake"]["backlog"] == 0 or time.monotonic() > deadline:
                 return body
@@ -282,7 +293,7 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
             acked = list(result["rate"]["acked"])
             if mode == "log":
                 # Again from an empty log, with the webhook on a core of its own.
-                await drain(url)
+                await drain(url, [webhook, temporal.child])
                 share_cpus(webhook, [temporal.child], own_core=True)
                 result["rate_own_core"] = await offer(
                     url, prefix + "-own-core", options.rate, options.seconds
@@ -295,7 +306,7 @@ async def steady_state(options: argparse.Namespace, folder: Path) -> dict[str, A
                 )
                 acked += result["overload"]["acked"]
                 began = time.monotonic()
-                result["drained"] = await drain(url)
+                result["drained"] = await drain(url, [webhook, temporal.child])
                 result["drain_seconds"] = round(time.monotonic() - began, 1)
             result["check"] = await check_once(temporal.client, task_queue, acked)
             webhook.check_alive()
@@ -336,7 +347,7 @@ async def outage(options: argparse.Namespace, folder: Path) -> dict[str, Any]:
         )
         streamed = await stream
         began = time.monotonic()
-        drained = await drain(url)
+        drained = await drain(url, [webhook, temporal.child])
         drain_seconds = round(time.monotonic() - began, 1)
         check = await check_once(temporal.client, task_queue, streamed["acked"])
         webhook.check_alive()

@@ -14,11 +14,14 @@ mirrorflow code at all. Turns alternate because this machine's speed drifts
 within minutes. A variant written ``32+pin`` runs with the webhook's threads
 on the first CPU and every other process of the benchmark (the dev server,
 the load generator) on the rest: the webhook with a core of its own, as on
-a machine it does not share with Temporal.
+a machine it does not share with Temporal. A variant written ``32+nice``
+runs the dev server at niceness 10 for the turn, below the webhook and the
+load generator: the webhook first whenever both want a CPU.
 
     python -m bench.intake_tail --concurrency 32,0,bare --rounds 5
     python -m bench.intake_tail --concurrency 32,32+pin --rounds 4
     python -m bench.intake_tail --concurrency 32,32@50,0 --rounds 4
+    python -m bench.intake_tail --concurrency 32,32+nice,bare --rounds 5
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from bench.harness import (
     add_bench_subscriber,
     free_port,
     mirrorflow_env,
+    nice_threads,
     raise_file_limit,
     results_folder,
     run_async,
@@ -50,6 +54,12 @@ from bench.harness import (
 from bench.intake import drain, offer, warm_up
 from bench.report import Cell, markdown_table, save
 
+FLAGS = {"pin", "nice"}
+"""What may follow a turn's concurrency after a ``+``."""
+
+NICENESS = 10
+"""The dev server's niceness in ``+nice`` turns."""
+
 
 def parse_options() -> argparse.Namespace:
     """Return the command line's options."""
@@ -60,14 +70,40 @@ def parse_options() -> argparse.Namespace:
         help=(
             "turns to compare, comma-separated: a forward concurrency (0: no "
             "Temporal), 32@50 for at most 50 starts per second, 32+pin for the "
-            "webhook on a core of its own, bare for the bare app"
+            "webhook on a core of its own, 32+nice for the dev server at "
+            f"niceness {NICENESS}, bare for the bare app"
         ),
     )
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--rate", type=float, default=1000.0)
 
-    return parser.parse_args()
+    options = parser.parse_args()
+    for variant in options.concurrency.split(","):
+        if variant != "bare":
+            try:
+                parse_variant(variant)
+            except ValueError as exc:
+                parser.error(str(exc))
+
+    return options
+
+
+def parse_variant(variant: str) -> tuple[int, str, set[str]]:
+    """Return a turn's forward concurrency, its rate (or "") and its flags.
+
+    Raises:
+        ValueError: the variant is not written as the help says.
+    """
+    spec, *flags = variant.split("+")
+    concurrency, _, rate = spec.partition("@")
+    if not concurrency.isdigit() or set(flags) - FLAGS:
+        raise ValueError(
+            f"turn {variant!r}: write a concurrency, then @ and a rate, "
+            "+pin or +nice if wanted (or 'bare')"
+        )
+
+    return int(concurrency), rate, set(flags)
 
 
 async def turn(
@@ -80,9 +116,7 @@ async def turn(
     """Start a log webhook, offer it the rate, wait until it forwarded all."""
     if variant == "bare":
         return await bare_turn(children, temporal, options)
-    spec, pinned, _ = variant.partition("+pin")
-    concurrency_text, _, rate = spec.partition("@")
-    concurrency = int(concurrency_text)
+    concurrency, rate, flags = parse_variant(variant)
     database = folder / f"subscribers-{uuid.uuid4().hex[:8]}.db"
     add_bench_subscriber(database)
     env = mirrorflow_env(
@@ -96,20 +130,25 @@ async def turn(
     if rate:
         env["MIRRORFLOW_INTAKE_FORWARD_RATE"] = rate
     webhook, url = await start_webhook(children, env, name="webhook")
-    share_cpus(webhook, [temporal.child], own_core=bool(pinned))
+    share_cpus(webhook, [temporal.child], own_core="pin" in flags)
     await warm_up(url)
     if concurrency:
-        await drain(url)
-    summary = await offered(webhook, url, temporal, options)
-    began = time.monotonic()
-    if concurrency:
-        await drain(url)
+        await drain(url, [webhook, temporal.child])
+    nice_threads(temporal.child.pid, NICENESS if "nice" in flags else 0)
+    try:
+        summary = await offered(webhook, url, temporal, options)
+        began = time.monotonic()
+        if concurrency:
+            await drain(url, [webhook, temporal.child])
+    finally:
+        nice_threads(temporal.child.pid, 0)
     webhook.check_alive()
     children.stop(webhook)
+    suffix = "".join(f"+{flag}" for flag in sorted(flags))
 
     return {
         **summary,
-        "variant": variant if concurrency else f"none (no Temporal){pinned}",
+        "variant": variant if concurrency else f"none (no Temporal){suffix}",
         "forward_seconds": round(time.monotonic() - began, 1) if concurrency else None,
     }
 
