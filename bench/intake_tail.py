@@ -1,27 +1,34 @@
 """Measure the log webhook's ack tail at a steady rate, by forward concurrency.
 
-On one in-memory dev server with no worker, log webhooks that differ only in
-``MIRRORFLOW_INTAKE_FORWARD_CONCURRENCY`` (and, written ``32@50``, in
-``MIRRORFLOW_INTAKE_FORWARD_RATE``) take turns: each is started fresh,
-warmed up, offered ``--rate`` fresh notifications per second for
-``--seconds`` (open loop), then left to forward all of them. A turn reports
-its answer latencies, how long forwarding took, the CPU each process used
-while offered, and the CPU time the hypervisor gave to other guests
-("stolen"). ``0`` stands for a webhook whose Temporal is out of reach, so
-that nothing is forwarded, and ``bare`` for the bare Starlette app
+On an in-memory dev server with no worker, started afresh for each round,
+log webhooks that differ only in ``MIRRORFLOW_INTAKE_FORWARD_CONCURRENCY``
+(and, written ``32@50``, in ``MIRRORFLOW_INTAKE_FORWARD_RATE``) take turns:
+each is started fresh, warmed up, offered ``--rate`` fresh notifications per
+second for ``--seconds`` (open loop), then left to forward all of them. A
+turn reports its answer latencies, how long forwarding took, the CPU each
+process used while offered, and the CPU time the hypervisor gave to other
+guests ("stolen"). ``0`` stands for a webhook whose Temporal is out of
+reach, so that nothing is forwarded, and ``bare`` for the bare Starlette app
 (:mod:`bench.apps`): what this machine does at the same rate with no
 mirrorflow code at all. Turns alternate because this machine's speed drifts
-within minutes. A variant written ``32+pin`` runs with the webhook's threads
-on the first CPU and every other process of the benchmark (the dev server,
-the load generator) on the rest: the webhook with a core of its own, as on
-a machine it does not share with Temporal. A variant written ``32+nice``
-runs the dev server at niceness 10 for the turn, below the webhook and the
-load generator: the webhook first whenever both want a CPU.
+within minutes.
+
+Suffixes change where things run for a turn:
+
+- ``+pin``: the webhook's threads on the first CPU, and every other process
+  of the benchmark (the dev server, the load generator) on the rest: the
+  webhook with a core of its own, as on a machine it does not share with
+  Temporal.
+- ``+one``: the webhook's threads on the first CPU, everything else free to
+  run on any CPU, that one included.
+- ``+nice``: the dev server at niceness 10, below the webhook and the load
+  generator.
 
     python -m bench.intake_tail --concurrency 32,0,bare --rounds 5
     python -m bench.intake_tail --concurrency 32,32+pin --rounds 4
     python -m bench.intake_tail --concurrency 32,32@50,0 --rounds 4
     python -m bench.intake_tail --concurrency 32,32+nice,bare --rounds 5
+    python -m bench.intake_tail --concurrency 32,32+one,32+pin --rounds 4
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from bench.harness import (
     free_port,
     mirrorflow_env,
     nice_threads,
+    pin_threads,
     raise_file_limit,
     results_folder,
     run_async,
@@ -54,7 +62,7 @@ from bench.harness import (
 from bench.intake import drain, offer, warm_up
 from bench.report import Cell, markdown_table, save
 
-FLAGS = {"pin", "nice"}
+FLAGS = {"pin", "nice", "one"}
 """What may follow a turn's concurrency after a ``+``."""
 
 NICENESS = 10
@@ -70,7 +78,8 @@ def parse_options() -> argparse.Namespace:
         help=(
             "turns to compare, comma-separated: a forward concurrency (0: no "
             "Temporal), 32@50 for at most 50 starts per second, 32+pin for the "
-            "webhook on a core of its own, 32+nice for the dev server at "
+            "webhook on a core of its own, 32+one for its threads on one CPU "
+            "that others share, 32+nice for the dev server at "
             f"niceness {NICENESS}, bare for the bare app"
         ),
     )
@@ -100,7 +109,7 @@ def parse_variant(variant: str) -> tuple[int, str, set[str]]:
     if not concurrency.isdigit() or set(flags) - FLAGS:
         raise ValueError(
             f"turn {variant!r}: write a concurrency, then @ and a rate, "
-            "+pin or +nice if wanted (or 'bare')"
+            "+pin, +one or +nice if wanted (or 'bare')"
         )
 
     return int(concurrency), rate, set(flags)
@@ -131,6 +140,8 @@ async def turn(
         env["MIRRORFLOW_INTAKE_FORWARD_RATE"] = rate
     webhook, url = await start_webhook(children, env, name="webhook")
     share_cpus(webhook, [temporal.child], own_core="pin" in flags)
+    if "one" in flags:
+        pin_threads(webhook.pid, {0})
     await warm_up(url)
     if concurrency:
         await drain(url, [webhook, temporal.child])
@@ -187,8 +198,11 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
     variants = options.concurrency.split(",")
     turns: list[dict[str, Any]] = []
     with results_folder("intake-tail") as folder, Children(folder) as children:
-        temporal = await start_temporal(children, on_disk=False)
         for number in range(1, options.rounds + 1):
+            # A fresh server each round: every round starts from the same
+            # state, and the in-memory one fails with "out of memory" after
+            # about 70,000 workflows.
+            temporal = await start_temporal(children, on_disk=False)
             for variant in variants:
                 result = await turn(children, folder, temporal, variant, options)
                 turns.append({"round": number, **result})
@@ -196,6 +210,7 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
                     f"round {number}, {result['variant']}: p99 {result['p99_ms']} ms",
                     flush=True,
                 )
+            children.stop(temporal.child)
 
     return {"options": vars(options), "turns": turns}
 
