@@ -21,12 +21,15 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog.testing
 from starlette.applications import Starlette
 from temporalio import workflow
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.settings import Settings, load_settings
@@ -36,6 +39,7 @@ from tests.fixtures.secrets import SUITE_SECRETS
 from tests.fixtures.servers import free_port, serving
 from tests.fixtures.temporal import temporal_cli
 from webhook import app as webhook_app
+from webhook import protocol as webhook_protocol
 from webhook.app import create_app
 from webhook.notifications import MAX_BODY_BYTES, parse_notification
 from workflows.models import (
@@ -527,6 +531,9 @@ HALF_A_HEAD = b"POST /notify HTTP/1.1\r\nhost: webhook\r\ncontent-type: appl"
 
 
 @pytest.mark.parametrize(
+    "parser", [HttpToolsProtocol, H11Protocol], ids=["httptools", "h11"]
+)
+@pytest.mark.parametrize(
     "parts",
     [
         pytest.param([b""], id="nothing"),
@@ -538,11 +545,13 @@ HALF_A_HEAD = b"POST /notify HTTP/1.1\r\nhost: webhook\r\ncontent-type: appl"
     ],
 )
 async def test_served_webhook_closes_a_connection_whose_head_is_late(
-    app: Starlette, parts: list[bytes]
+    app: Starlette, parts: list[bytes], parser: type[asyncio.Protocol]
 ) -> None:
     """A connection that stalls before its headers end is answered 408 and closed,
-    while a ping on another connection is accepted."""
-    config = webhook_app.server_config(app, "127.0.0.1", 0, head_timeout=0.5)
+    while a ping on another connection is accepted, with either HTTP parser."""
+    config = webhook_app.server_config(
+        app, "127.0.0.1", 0, head_timeout=0.5, http=parser
+    )
     async with serving(app, config) as url, httpx.AsyncClient(base_url=url) as http:
         stalled = asyncio.create_task(_exchange(url, *parts))
         accepted = await http.post("/notify", json=ping())
@@ -557,6 +566,30 @@ async def test_served_webhook_closes_a_connection_whose_head_is_late(
         "error": "The request line and headers did not arrive within 0.5 s."
     }
     assert sample(app, "mirrorflow_webhook_head_timeouts_total") == 1
+
+
+async def test_head_deadline_turns_itself_off_without_uvicorns_cycle(
+    app: Starlette, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Should uvicorn keep its request under another name, the deadline is off,
+    logged once, and requests are served as uvicorn alone serves them."""
+    monkeypatch.setattr(webhook_protocol, "CYCLE", "request_being_answered")
+    config = webhook_app.server_config(app, "127.0.0.1", 0, head_timeout=0.2)
+    with structlog.testing.capture_logs() as logged:
+        async with serving(app, config) as url, httpx.AsyncClient(base_url=url) as http:
+            stalled = asyncio.create_task(_exchange(url, HALF_A_HEAD))
+            answers = [await http.post("/notify", json=ping()) for _ in range(3)]
+            # Three times the deadline: a working one would have closed it.
+            await asyncio.sleep(0.6)
+            left_open = not stalled.done()
+            stalled.cancel()
+
+    assert [answer.status_code for answer in answers] == [200] * 3
+    assert left_open
+    assert sample(app, "mirrorflow_webhook_head_timeouts_total") == 0
+    turned_off = [entry for entry in logged if entry["event"] == "head_deadline_off"]
+    assert len(turned_off) == 1
+    assert "request_being_answered" in turned_off[0]["error"]
 
 
 async def test_notify_refuses_oversize_bodies_over_http(app: Starlette) -> None:

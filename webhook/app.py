@@ -46,6 +46,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.runtime import Runtime
 from temporalio.service import RetryConfig, RPCError
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from activities.subscribers import SubscriberStore
 from mirrorflow.errors import TemporalUnavailable
@@ -593,12 +594,19 @@ async def run(settings: Settings, host: str = "127.0.0.1", port: int = 8080) -> 
 
 
 def server_config(
-    app: Starlette, host: str, port: int, *, head_timeout: float = HEAD_TIMEOUT
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    head_timeout: float = HEAD_TIMEOUT,
+    http: type[asyncio.Protocol] = AutoHTTPProtocol,
 ) -> uvicorn.Config:
     """Return how uvicorn serves the webhook app on ``host:port``.
 
     A connection whose request line and headers take longer than
-    ``head_timeout`` seconds is answered 408 and closed.
+    ``head_timeout`` seconds is answered 408 and closed. ``http`` is
+    uvicorn's HTTP protocol to serve with: by default httptools when it is
+    installed, else h11.
     """
     webhook: Webhook = app.state.webhook
 
@@ -610,7 +618,7 @@ def server_config(
         app,
         host=host,
         port=port,
-        http=head_deadline_protocol(head_timeout, head_timed_out),
+        http=head_deadline_protocol(head_timeout, head_timed_out, base=http),
         ws="none",
         lifespan="on",
         # The app logs one line per notification itself.

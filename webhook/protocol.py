@@ -8,6 +8,11 @@ pings would find no room. The protocol here gives every request head
 :data:`HEAD_TIMEOUT` seconds from the connection's opening (or from the first
 byte after the previous response), then answers 408 and closes. The body has
 a deadline of its own, kept by the app (``BODY_TIMEOUT``).
+
+What a request's progress is comes from uvicorn's protocols, which keep the
+request being answered as ``cycle``: an attribute of theirs, not a promised
+interface. Should a uvicorn release drop it, the deadline turns itself off
+with one error in the log, and requests are served as uvicorn alone would.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
+import structlog
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 HEAD_TIMEOUT = 10.0
@@ -24,6 +30,11 @@ HEAD_TIMEOUT = 10.0
 Mirror sends its whole request at once and waits 10 s for the answer; a head
 still arriving after as long comes from something else.
 """
+
+CYCLE = "cycle"
+"""Where uvicorn's HTTP protocols keep the request they are answering."""
+
+log: structlog.stdlib.BoundLogger = structlog.get_logger("webhook")
 
 
 def head_deadline_protocol(
@@ -39,6 +50,7 @@ def head_deadline_protocol(
         base: the uvicorn protocol class to extend; both keep the request in
             progress as ``cycle``, which is what this relies on.
     """
+    deadline_on = True
 
     body = (
         b'{"error":"The request line and headers did not arrive within '
@@ -74,12 +86,30 @@ def head_deadline_protocol(
             super().connection_lost(exc)
 
         def _answering(self) -> bool:
-            """Whether a request's head has arrived and its answer is due."""
-            cycle: Any = self.cycle
-            return cycle is not None and not cycle.response_complete
+            """Whether a request's head has arrived and its answer is due.
+
+            Without uvicorn's ``cycle`` to tell, the deadline is turned off,
+            so that no connection is ever closed for it.
+            """
+            nonlocal deadline_on
+            try:
+                cycle: Any = getattr(self, CYCLE)
+                return cycle is not None and not cycle.response_complete
+            except AttributeError as exc:
+                if deadline_on:
+                    deadline_on = False
+                    log.error(
+                        "head_deadline_off",
+                        protocol=base.__name__,
+                        error=str(exc),
+                        hint="this uvicorn keeps its request elsewhere; "
+                        "requests are served without the head deadline",
+                    )
+                self._disarm()
+                return True
 
         def _arm(self) -> None:
-            if not self.transport.is_closing():
+            if deadline_on and not self.transport.is_closing():
                 self._head_timer = self.loop.call_later(timeout, self._expire)
 
         def _disarm(self) -> None:
