@@ -9,10 +9,10 @@ pings would find no room. The protocol here gives every request head
 byte after the previous response), then answers 408 and closes. The body has
 a deadline of its own, kept by the app (``BODY_TIMEOUT``).
 
-What a request's progress is comes from uvicorn's protocols, which keep the
-request being answered as ``cycle``: an attribute of theirs, not a promised
-interface. Should a uvicorn release drop it, the deadline turns itself off
-with one error in the log, and requests are served as uvicorn alone would.
+Whether a request is being answered is read from uvicorn's protocols, which
+keep it as ``cycle``: an attribute of theirs, not a promised interface.
+Should a uvicorn release drop it, the deadline turns itself off with one
+error in the log, and requests are served as uvicorn alone serves them.
 """
 
 from __future__ import annotations
