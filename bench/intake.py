@@ -31,6 +31,10 @@ After steps 1-3 the log is drained (``/readyz`` reports the backlog), then
 every workflow on the run's task queue is listed: each notification answered
 200 must have exactly one run. No worker runs. Needs wrk. With ``--profile``,
 py-spy samples the webhook with the log while wrk loads it in the last round.
+
+Each step also records the CPU time the hypervisor gave to other guests
+while it ran ("stolen", in percent of one core): a run on a crowded host
+says so in its own results.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ import sqlite3
 import statistics
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,7 @@ from bench.harness import (
     HOST,
     Child,
     Children,
+    CpuMeter,
     add_bench_subscriber,
     free_port,
     mirrorflow_env,
@@ -425,6 +430,16 @@ def report(results: dict[str, Any]) -> str:
             f"Outage: statuses {stream['statuses']}, p99 {stream['p99_ms']} ms; "
             f"drained in {outage['drain_seconds']} s; check {outage['check']}."
         )
+    stolen = [
+        f"{step} {results[step]['stolen_percent']}"
+        for step in ("rounds", "steady", "outage")
+        if step in results
+    ]
+    lines.append(
+        "CPU the hypervisor gave to other guests, % of one core: "
+        + ", ".join(stolen)
+        + "."
+    )
 
     return "\n".join(lines)
 
@@ -435,12 +450,24 @@ async def run(options: argparse.Namespace) -> dict[str, Any]:
     with results_folder("intake") as folder:
         results: dict[str, Any] = {}
         if options.rounds > 0:
-            results["rounds"] = await rounds(options, folder)
-        results["steady"] = await steady_state(options, folder)
+            results["rounds"] = await measure_stolen(rounds(options, folder))
+        results["steady"] = await measure_stolen(steady_state(options, folder))
         if options.outage > 0:
-            results["outage"] = await outage(options, folder)
+            results["outage"] = await measure_stolen(outage(options, folder))
 
     return results
+
+
+async def measure_stolen(
+    step: Coroutine[Any, Any, dict[str, Any]],
+) -> dict[str, Any]:
+    """Run ``step``; add to its results the CPU the hypervisor took meanwhile."""
+    meter = CpuMeter([])
+    meter.start()
+    result = await step
+    meter.stop()
+
+    return {**result, "stolen_percent": meter.stolen_percent()}
 
 
 def main() -> None:
