@@ -99,11 +99,7 @@ def head_deadline_protocol(
                 if deadline_on:
                     deadline_on = False
                     log.error(
-                        "head_deadline_off",
-                        protocol=base.__name__,
-                        error=str(exc),
-                        hint="this uvicorn keeps its request elsewhere; "
-                        "requests are served without the head deadline",
+                        "head_deadline_off", protocol=base.__name__, error=str(exc)
                     )
                 self._disarm()
                 return True
